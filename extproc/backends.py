@@ -1,0 +1,289 @@
+"""Mutable per-backend state (scrape results, failures, in-flight) and the snapshot builder.
+
+All mutation happens on the event loop thread; decisions only ever see the immutable
+:class:`~extproc.snapshot.Snapshot` built here.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from extproc.metrics_parser import VllmMetrics
+from extproc.snapshot import BackendView, Freshness, Snapshot
+
+# Consecutive refused/erroring/unparsable scrapes before a backend is excluded.
+UNHEALTHY_AFTER_FAILURES = 3
+# Consecutive scrape timeouts that mark a backend "overloaded" (slow, not down).
+OVERLOADED_AFTER_TIMEOUTS = 3
+# Samples kept for rate/TTFT windows; at a 0.1 s interval this is about 3 s of history.
+HISTORY_SAMPLES = 32
+# Shortest window over which a token rate is trusted (shorter deltas are mostly noise).
+MIN_RATE_WINDOW_S = 0.5
+
+
+def endpoint_of(url: str) -> str:
+    """``http://10.0.0.7:8000`` -> ``10.0.0.7:8000`` (what Envoy's override_host matches)."""
+    parts = urlsplit(url)
+    if not parts.hostname or not parts.port:
+        raise ValueError(f"backend URL needs a host and a port: {url!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port}"
+
+
+@dataclass(slots=True)
+class _Sample:
+    t: float
+    tokens: float | None
+    ttft_sum: float | None
+    ttft_count: float | None
+
+
+@dataclass(slots=True)
+class BackendRecord:
+    url: str
+    endpoint: str
+    slot: int = -1  # index in the current ordering; -1 once removed
+    metrics: VllmMetrics | None = None
+    last_ok: float | None = None  # monotonic time of the last good scrape
+    failures: int = 0  # consecutive hard failures (refused, HTTP error, unparsable)
+    timeouts: int = 0  # consecutive timeouts
+    last_error: str = ""
+    generation: int = 0  # bumped at every scrape start
+    open_by_generation: dict[int, int] = field(default_factory=dict)
+    pending: int = 0  # open requests picked after the start of the last good scrape
+    inflight: int = 0  # all open requests routed here (for the gauge)
+    history: deque[_Sample] = field(default_factory=lambda: deque(maxlen=HISTORY_SAMPLES))
+    token_rate: float | None = None
+    ttft: float | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.failures < UNHEALTHY_AFTER_FAILURES
+
+    @property
+    def overloaded(self) -> bool:
+        return self.timeouts >= OVERLOADED_AFTER_TIMEOUTS
+
+
+@dataclass(frozen=True, slots=True)
+class PickToken:
+    """Returned by :meth:`BackendRegistry.on_pick`; hand it back to :meth:`on_done`."""
+
+    record: BackendRecord
+    generation: int
+
+
+class BackendRegistry:
+    def __init__(
+        self,
+        *,
+        stale_after: float,
+        max_metrics_age: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stale_after = stale_after
+        self.max_metrics_age = max_metrics_age
+        self._clock = clock
+        self._records: dict[str, BackendRecord] = {}  # by URL
+        self._ordered: list[BackendRecord] = []
+        self._pending: list[int] = []
+        self._base = Snapshot()
+
+    # -- membership ---------------------------------------------------------------
+    def set_backends(self, urls: Iterable[str]) -> tuple[list[BackendRecord], list[BackendRecord]]:
+        """Replace the pool; returns (added, removed). Known backends keep their state."""
+        wanted = list(dict.fromkeys(urls))
+        added = [BackendRecord(url=u, endpoint=endpoint_of(u)) for u in wanted if u not in self._records]
+        removed = [r for u, r in self._records.items() if u not in set(wanted)]
+        for r in added:
+            self._records[r.url] = r
+        for r in removed:
+            r.slot = -1
+            del self._records[r.url]
+        self._ordered = [self._records[u] for u in wanted]
+        for i, r in enumerate(self._ordered):
+            r.slot = i
+        self._pending = [r.pending for r in self._ordered]
+        self.rebuild()
+        return added, removed
+
+    @property
+    def records(self) -> list[BackendRecord]:
+        return list(self._ordered)
+
+    # -- scrape results -------------------------------------------------------------
+    def begin_scrape(self, record: BackendRecord) -> int:
+        """Requests picked from now on are not in this scrape's numbers."""
+        record.generation += 1
+        return record.generation
+
+    def record_success(self, record: BackendRecord, metrics: VllmMetrics, started_generation: int) -> None:
+        now = self._clock()
+        was_unknown = record.last_ok is None
+        record.metrics = metrics
+        record.last_ok = now
+        record.failures = 0
+        record.timeouts = 0
+        record.last_error = ""
+        # Requests picked before this scrape started are now part of running/waiting.
+        for g in [g for g in record.open_by_generation if g < started_generation]:
+            record.pending -= record.open_by_generation.pop(g)
+        self._sync_pending(record)
+        self._update_windows(record, now, metrics)
+        if was_unknown:
+            self.rebuild()  # a newcomer or cold start: show its data without waiting a tick
+
+    def record_failure(self, record: BackendRecord, error: str, *, timeout: bool) -> None:
+        record.last_error = error
+        if timeout:
+            record.timeouts += 1
+        else:
+            record.failures += 1
+
+    @staticmethod
+    def _update_windows(record: BackendRecord, now: float, m: VllmMetrics) -> None:
+        tokens = None
+        if m.prompt_tokens is not None or m.generation_tokens is not None:
+            tokens = (m.prompt_tokens or 0.0) + (m.generation_tokens or 0.0)
+        hist = record.history
+        if hist and tokens is not None and hist[-1].tokens is not None and tokens < hist[-1].tokens:
+            hist.clear()  # counter reset: the server restarted
+        hist.append(_Sample(now, tokens, m.ttft_sum, m.ttft_count))
+        first = hist[0]
+        span = now - first.t
+        if span >= MIN_RATE_WINDOW_S and tokens is not None and first.tokens is not None:
+            record.token_rate = (tokens - first.tokens) / span
+        # Recent TTFT = delta sum / delta count over the window; else the lifetime mean.
+        if m.ttft_sum is not None and m.ttft_count:
+            if first.ttft_count is not None and first.ttft_sum is not None and m.ttft_count > first.ttft_count:
+                record.ttft = (m.ttft_sum - first.ttft_sum) / (m.ttft_count - first.ttft_count)
+            elif record.ttft is None:
+                record.ttft = m.ttft_sum / m.ttft_count
+
+    # -- in-flight accounting ------------------------------------------------------
+    def on_pick(self, index: int) -> PickToken | None:
+        if not 0 <= index < len(self._ordered):
+            return None
+        r = self._ordered[index]
+        g = r.generation
+        r.open_by_generation[g] = r.open_by_generation.get(g, 0) + 1
+        r.pending += 1
+        r.inflight += 1
+        self._pending[index] = r.pending
+        return PickToken(r, g)
+
+    def on_done(self, token: PickToken) -> None:
+        r = token.record
+        r.inflight -= 1
+        count = r.open_by_generation.get(token.generation)
+        if count:  # else: a good scrape has already counted it
+            if count == 1:
+                del r.open_by_generation[token.generation]
+            else:
+                r.open_by_generation[token.generation] = count - 1
+            r.pending -= 1
+            self._sync_pending(r)
+
+    def _sync_pending(self, r: BackendRecord) -> None:
+        if 0 <= r.slot < len(self._pending):
+            self._pending[r.slot] = r.pending
+
+    # -- snapshots -------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """The current base snapshot with live pending counts (cheap: one tuple copy)."""
+        base = self._base
+        if len(base.backends) != len(self._pending):
+            return base
+        return base.with_pending(tuple(self._pending))
+
+    def rebuild_view(self) -> Snapshot:
+        """A fresh snapshot for observers (admin, metrics) without replacing the live one."""
+        return build_snapshot(self._ordered, self._clock(), self.stale_after, self.max_metrics_age)
+
+    def rebuild(self) -> Snapshot:
+        now = self._clock()
+        self._base = build_snapshot(self._ordered, now, self.stale_after, self.max_metrics_age)
+        return self._base
+
+
+def _freshness(record: BackendRecord, now: float, stale_after: float, max_age: float) -> tuple[Freshness, float | None]:
+    if record.last_ok is None or record.metrics is None:
+        return Freshness.UNKNOWN, None
+    age = now - record.last_ok
+    if age <= stale_after:
+        return Freshness.FRESH, age
+    if age <= max_age:
+        return Freshness.STALE, age
+    return Freshness.UNKNOWN, age
+
+
+_LOAD_FIELDS = ("running", "waiting", "kv_cache_usage", "token_rate", "ttft")
+
+
+def _measured(record: BackendRecord) -> dict[str, float | None]:
+    m = record.metrics
+    assert m is not None
+    return {
+        "running": m.running,
+        "waiting": m.waiting,
+        "kv_cache_usage": m.kv_cache_usage,
+        "token_rate": record.token_rate,
+        "ttft": record.ttft,
+    }
+
+
+def build_snapshot(records: list[BackendRecord], now: float, stale_after: float, max_age: float) -> Snapshot:
+    """Pure: records + clock -> snapshot, with priors for what is not known.
+
+    Prior for an unknown backend (or a missing field): the median over fresh backends
+    (over stale ones if none is fresh). An unknown backend whose scrapes keep timing out
+    gets the *maximum* instead: slow /metrics means busy, never idle.
+    """
+    states = [_freshness(r, now, stale_after, max_age) for r in records]
+    values = [_measured(r) if st[0] is not Freshness.UNKNOWN else None for r, st in zip(records, states)]
+    fresh = [v for v, st in zip(values, states) if v is not None and st[0] is Freshness.FRESH]
+    basis = fresh or [v for v in values if v is not None]
+    median: dict[str, float] = {}
+    worst: dict[str, float] = {}
+    for f in _LOAD_FIELDS:
+        xs = [v[f] for v in basis if v[f] is not None]
+        median[f] = float(statistics.median(xs)) if xs else 0.0
+        # For rate, "worst" is the highest load too: a busy server moves many tokens.
+        worst[f] = float(max(xs)) if xs else 0.0
+    views = []
+    for i, (r, (fresh_state, age), v) in enumerate(zip(records, states, values)):
+        prior_src = worst if r.overloaded else median
+        if v is None:
+            filled, prior = dict(prior_src), True
+        else:
+            filled = {f: (v[f] if v[f] is not None else prior_src[f]) for f in _LOAD_FIELDS}
+            prior = False
+        views.append(
+            BackendView(
+                index=i,
+                endpoint=r.endpoint,
+                url=r.url,
+                freshness=fresh_state,
+                healthy=r.healthy,
+                overloaded=r.overloaded,
+                age=age,
+                prior=prior,
+                metrics=r.metrics,
+                **filled,  # type: ignore[arg-type]
+            )
+        )
+    healthy = tuple(v for v in views if v.healthy)
+    eligible = healthy or tuple(views)
+    return Snapshot(
+        backends=tuple(views),
+        built_at=now,
+        pending=tuple(r.pending for r in records),
+        eligible=eligible,
+        all_unhealthy=bool(views) and not healthy,
+        eligible_known=any(v.known for v in eligible),
+    )

@@ -1,0 +1,88 @@
+"""Settings: defaults < YAML file (``--config``) < ``EXTPROC_*`` environment < command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+
+from extproc.strategies import FALLBACKS, STRATEGIES
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EXTPROC_", extra="forbid")
+
+    grpc_address: str = Field("127.0.0.1:9002", description="host:port the ext_proc gRPC server listens on.")
+    admin_address: str = Field("127.0.0.1:9090", description="host:port of the admin HTTP server (/metrics, /healthz, /backends).")
+    backend: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Backend base URL, e.g. http://127.0.0.1:8001 (repeatable; env: comma-separated).",
+    )
+    backends_dns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="NAME:PORT resolved to all its addresses, re-resolved every --dns-refresh seconds (repeatable).",
+    )
+    dns_refresh: float = Field(5.0, gt=0, description="Seconds between DNS re-resolutions for --backends-dns.")
+    strategy: str = Field("least-request", description="Default routing strategy.")
+    fallback: Literal["random", "round-robin"] = Field(
+        "random", description="Load-blind strategy used when metrics are missing (cold cache) or a strategy fails."
+    )
+    scrape_interval: float = Field(0.1, gt=0, description="Seconds between two /metrics scrapes of one backend.")
+    scrape_timeout: float = Field(0.5, gt=0, description="Per-scrape timeout in seconds (a timeout means 'slow', not 'down').")
+    stale_after: float = Field(1.0, gt=0, description="Metrics older than this (s) are stale: still used, with in-flight added.")
+    max_metrics_age: float = Field(
+        10.0, gt=0, description="Metrics older than this (s) are unknown: the backend gets a prior instead."
+    )
+    expose_routing_headers: bool = Field(
+        True, description="Emit the 'extproc' metadata that Envoy turns into x-routing-* response headers."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("backend", "backends_dns", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; valid: {', '.join(STRATEGIES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _ages(self) -> Settings:
+        if self.max_metrics_age < self.stale_after:
+            raise ValueError("max_metrics_age must be >= stale_after")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}")
+        return self
+
+
+class ConfigError(Exception):
+    pass
+
+
+def load_settings(cli: dict[str, Any], config_file: str | None = None) -> Settings:
+    """Merge the sources in precedence order; raise ConfigError with a readable message."""
+    merged: dict[str, Any] = {}
+    if config_file:
+        try:
+            data = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read --config {config_file}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {config_file} must be a YAML mapping")
+        merged.update({k.replace("-", "_"): v for k, v in data.items()})
+    merged.update(EnvSettingsSource(Settings)())
+    merged.update({k: v for k, v in cli.items() if v is not None})
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None

@@ -1,0 +1,82 @@
+"""The asyncio gRPC shell around :class:`extproc.processor.Processor`.
+
+Responses leave as pre-serialized bytes (identity serializer), so the common path does not
+build a protobuf message per request. The in-flight count of a pick is released when
+Envoy ends the ext_proc stream, which in our processing mode happens when the HTTP
+request ends (see docs/envoy.md).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc.backends import BackendRegistry, PickToken
+from extproc.processor import Processor
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+class ExtProcHandler:
+    def __init__(self, processor: Processor, registry: BackendRegistry) -> None:
+        self.processor = processor
+        self.registry = registry
+
+    async def process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+        tokens: list[PickToken] = []
+        try:
+            while True:
+                req = await context.read()
+                if req is grpc.aio.EOF:
+                    break
+                try:
+                    outcome = self.processor.handle(req)
+                except Exception:  # the processor already guards decisions; this is a last net
+                    log.exception("ext_proc message handling failed")
+                    continue
+                if outcome.token is not None:
+                    tokens.append(outcome.token)
+                if outcome.response:
+                    await context.write(outcome.response)
+        finally:
+            for token in tokens:
+                self.registry.on_done(token)
+
+
+def build_server(processor: Processor, registry: BackendRegistry, address: str) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    handler = ExtProcHandler(processor, registry)
+    rpc = grpc.stream_stream_rpc_method_handler(
+        handler.process,
+        request_deserializer=ep.ProcessingRequest.FromString,
+        response_serializer=_identity,
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),
+            # Envoy keeps one HTTP/2 connection with many streams: allow plenty of them.
+            ("grpc.max_concurrent_streams", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": rpc}),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on gRPC address {address}")
+    return server, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)

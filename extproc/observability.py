@@ -1,0 +1,103 @@
+"""Prometheus metrics of the service (served on the admin port at /metrics).
+
+Per-backend gauges are computed when Prometheus scrapes (a custom collector reading the
+registry), so the hot path never touches them. Hot-path counters cache their label
+children: ``labels()`` takes a lock and a dict lookup we don't need on every request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from extproc.backends import BackendRegistry
+
+# Decision latency buckets: the step is meant to be far below a millisecond.
+_DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1)
+
+
+class _BackendCollector(Collector):
+    def __init__(self, registry: BackendRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        age = GaugeMetricFamily(
+            "extproc_backend_metrics_age_seconds",
+            "Seconds since the backend's last good /metrics scrape (NaN if never).",
+            labels=["backend"],
+        )
+        healthy = GaugeMetricFamily(
+            "extproc_backend_healthy", "1 if the backend is eligible (not failing its scrapes), else 0.", labels=["backend"]
+        )
+        inflight = GaugeMetricFamily(
+            "extproc_inflight_requests", "Requests routed to the backend whose ext_proc stream is still open.", labels=["backend"]
+        )
+        state = GaugeMetricFamily(
+            "extproc_backend_state",
+            "1 for the backend's current metrics freshness (fresh, stale, unknown).",
+            labels=["backend", "state"],
+        )
+        snap = self._registry.rebuild_view()
+        now = time.monotonic()
+        for rec in self._registry.records:
+            ep = rec.endpoint
+            age.add_metric([ep], now - rec.last_ok if rec.last_ok is not None else float("nan"))
+            healthy.add_metric([ep], 1.0 if rec.healthy else 0.0)
+            inflight.add_metric([ep], float(rec.inflight))
+        for view in snap.backends:
+            for s in ("fresh", "stale", "unknown"):
+                state.add_metric([view.endpoint, s], 1.0 if view.freshness == s else 0.0)
+        yield from (age, healthy, inflight, state)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self._decisions = Counter(
+            "extproc_decisions_total",
+            "Routing decisions by strategy and reason (metrics, cold-cache, all-unhealthy, fallback-error, ...).",
+            ["strategy", "reason"],
+            registry=self.registry,
+        )
+        self._decision_seconds = Histogram(
+            "extproc_decision_seconds",
+            "Time to decide one request (header parse, strategy, response lookup).",
+            buckets=_DECISION_BUCKETS,
+            registry=self.registry,
+        )
+        self._rejections = Counter(
+            "extproc_rejections_total",
+            "Requests answered directly by the service (unknown-strategy 400, no-backends 503).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._scrapes = Counter(
+            "extproc_scrapes_total",
+            "Backend /metrics scrapes by result (ok, timeout, error, http_error, parse_error).",
+            ["backend", "result"],
+            registry=self.registry,
+        )
+        self._decision_children: dict[tuple[str, str], object] = {}
+
+    def attach_backends(self, backends: BackendRegistry) -> None:
+        self.registry.register(_BackendCollector(backends))
+
+    def decided(self, strategy: str, reason: str, seconds: float) -> None:
+        key = (strategy, reason)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self._decisions.labels(strategy, reason)
+        child.inc()  # type: ignore[attr-defined]
+        self._decision_seconds.observe(seconds)
+
+    def rejected(self, reason: str) -> None:
+        self._rejections.labels(reason).inc()
+
+    def scraped(self, backend: str, result: str) -> None:
+        self._scrapes.labels(backend, result).inc()

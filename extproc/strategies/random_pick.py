@@ -1,0 +1,21 @@
+"""``random``: uniform over the eligible backends. Load-blind; also the default fallback."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from extproc.snapshot import BackendView, Snapshot
+from extproc.strategies.base import RequestFacts
+
+
+@dataclass(frozen=True, slots=True)
+class RandomPick:
+    name: str = "random"
+    needs_metrics: bool = False
+
+    def choose(
+        self, facts: RequestFacts, snap: Snapshot, candidates: Sequence[BackendView], rng: random.Random
+    ) -> BackendView:
+        return rng.choice(candidates)

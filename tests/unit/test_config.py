@@ -1,0 +1,62 @@
+"""Settings precedence (flag > env > file > default) and readable errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from extproc.cli import build_parser, main
+from extproc.config import ConfigError, load_settings
+
+
+def test_defaults():
+    s = load_settings({})
+    assert (s.grpc_address, s.admin_address, s.strategy, s.fallback) == (
+        "127.0.0.1:9002", "127.0.0.1:9090", "least-request", "random",
+    )
+    assert (s.scrape_interval, s.stale_after, s.max_metrics_age) == (0.1, 1.0, 10.0)
+
+
+def test_precedence_flag_over_env_over_file(tmp_path, monkeypatch):
+    f = tmp_path / "c.yaml"
+    f.write_text("strategy: throughput\nscrape-interval: 0.5\nstale_after: 2\nbackend: [http://127.0.0.1:1]\n")
+    monkeypatch.setenv("EXTPROC_STRATEGY", "least-kv-cache")
+    monkeypatch.setenv("EXTPROC_STALE_AFTER", "3")
+    s = load_settings({"stale_after": 4.0}, str(f))
+    assert s.strategy == "least-kv-cache"  # env beats file
+    assert s.scrape_interval == 0.5  # file beats default
+    assert s.stale_after == 4.0  # flag beats env
+    assert s.backend == ["http://127.0.0.1:1"]
+
+
+def test_env_lists_are_comma_separated(monkeypatch):
+    monkeypatch.setenv("EXTPROC_BACKEND", "http://127.0.0.1:1, http://127.0.0.1:2")
+    assert load_settings({}).backend == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+
+
+def test_repeatable_flags():
+    args = vars(build_parser().parse_args(["serve", "--backend", "http://a:1", "--backend", "http://b:2"]))
+    assert args["backend"] == ["http://a:1", "http://b:2"]
+
+
+@pytest.mark.parametrize(
+    "cli, message",
+    [
+        ({"strategy": "nope"}, "unknown strategy"),
+        ({"fallback": "least-request"}, "fallback"),
+        ({"scrape_interval": 0.0}, "scrape_interval"),
+        ({"stale_after": 5.0, "max_metrics_age": 1.0}, "max_metrics_age"),
+    ],
+)
+def test_bad_settings_are_readable(cli, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(cli)
+
+
+def test_unreadable_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings({}, str(tmp_path / "missing.yaml"))
+
+
+def test_cli_exits_2_with_message_on_bad_settings(capsys):
+    assert main(["serve", "--strategy", "nope"]) == 2
+    assert "unknown strategy" in capsys.readouterr().err

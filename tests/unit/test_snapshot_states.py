@@ -1,0 +1,204 @@
+"""Every cache state of the core issue: cold, partial, unhealthy, recovery, stale, unknown."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from extproc.decide import NoBackends, decide
+from extproc.snapshot import Freshness
+from extproc.strategies import FALLBACKS, STRATEGIES, RequestFacts
+
+from .helpers import fail, registry, scrape_ok, vm
+
+LR = STRATEGIES["least-request"]
+RANDOM = FALLBACKS["random"]
+
+
+def pick(reg, strategy=LR, seed=0):
+    return decide(strategy, RANDOM, RequestFacts(), reg.snapshot(), random.Random(seed))
+
+
+def test_empty_pool_raises_no_backends():
+    reg, _ = registry(0)
+    with pytest.raises(NoBackends):
+        pick(reg)
+
+
+def test_cold_cache_routes_by_fallback_over_every_backend():
+    reg, _ = registry(3)
+    reg.rebuild()
+    assert reg.snapshot().cold
+    chosen = {pick(reg, seed=s).backend.endpoint for s in range(60)}
+    assert {pick(reg, seed=s).reason for s in range(5)} == {"cold-cache"}
+    assert len(chosen) == 3  # random over all, not stuck on the first
+
+
+def test_cold_cache_even_when_every_scrape_fails():
+    # A vLLM still loading its model answers /metrics with 503: unknown AND failing.
+    reg, _ = registry(2)
+    for i in range(2):
+        fail(reg, i, times=5)
+    reg.rebuild()
+    d = pick(reg)
+    assert d.reason == "cold-cache"
+
+
+def test_first_good_scrape_leaves_cold_immediately():
+    reg, _ = registry(2)
+    scrape_ok(reg, 0, vm(running=1))  # rebuilds by itself: an unknown -> known transition
+    assert not reg.snapshot().cold
+    assert pick(reg).reason == "metrics"
+
+
+def test_partial_cache_gives_newcomer_the_median_prior():
+    reg, _ = registry(4)
+    for i, running in enumerate([2.0, 4.0, 10.0]):
+        scrape_ok(reg, i, vm(running=running))
+    reg.rebuild()
+    newcomer = reg.snapshot().backends[3]
+    assert newcomer.freshness is Freshness.UNKNOWN and newcomer.prior
+    assert newcomer.running == 4.0  # median of 2, 4, 10 — not 0 (flood), not excluded (starve)
+    # With loads 2, 4, 10 and the newcomer at 4, least-request picks the backend at 2.
+    assert pick(reg).backend.index == 0
+
+
+def test_newcomer_is_neither_flooded_nor_starved():
+    reg, _ = registry(3)
+    scrape_ok(reg, 0, vm(running=3))
+    scrape_ok(reg, 1, vm(running=3))
+    reg.rebuild()
+    counts = [0, 0, 0]
+    rng = random.Random(1)
+    for _ in range(30):  # no scrape in between: pending accounting spreads the burst
+        d = decide(LR, RANDOM, RequestFacts(), reg.snapshot(), rng)
+        reg.on_pick(d.backend.index)
+        counts[d.backend.index] += 1
+    assert all(8 <= c <= 12 for c in counts), counts
+
+
+def test_unhealthy_after_three_consecutive_failures_then_excluded():
+    reg, _ = registry(2)
+    scrape_ok(reg, 0, vm(running=50))
+    scrape_ok(reg, 1, vm(running=0))
+    fail(reg, 1, times=2)
+    reg.rebuild()
+    assert reg.snapshot().backends[1].healthy
+    fail(reg, 1, times=1)
+    reg.rebuild()
+    assert not reg.snapshot().backends[1].healthy
+    # The idle-looking backend is broken: the busy but healthy one takes everything.
+    assert {pick(reg, seed=s).backend.index for s in range(20)} == {0}
+
+
+def test_all_unhealthy_uses_every_backend():
+    reg, _ = registry(2)
+    scrape_ok(reg, 0, vm(running=5))
+    scrape_ok(reg, 1, vm(running=1))
+    fail(reg, 0, times=3)
+    fail(reg, 1, times=3)
+    reg.rebuild()
+    d = pick(reg)
+    assert d.reason == "all-unhealthy"
+    assert d.backend.index == 1  # still ranks on last-known values
+
+
+def test_recovery_on_first_good_scrape():
+    reg, _ = registry(2)
+    scrape_ok(reg, 0, vm(running=9))
+    fail(reg, 1, times=4)
+    reg.rebuild()
+    assert not reg.snapshot().backends[1].healthy
+    scrape_ok(reg, 1, vm(running=0))
+    reg.rebuild()
+    assert reg.snapshot().backends[1].healthy
+    assert pick(reg).backend.index == 1
+
+
+def test_timeouts_never_make_a_backend_unhealthy_or_idle():
+    reg, clock = registry(2)
+    scrape_ok(reg, 0, vm(running=2))
+    scrape_ok(reg, 1, vm(running=30))  # loaded: its /metrics then starts timing out
+    fail(reg, 1, times=10, timeout=True)
+    clock.advance(5.0)
+    scrape_ok(reg, 0, vm(running=2))
+    reg.rebuild()
+    b1 = reg.snapshot().backends[1]
+    assert b1.healthy and b1.overloaded
+    assert b1.freshness is Freshness.STALE and b1.running == 30  # last-known value kept
+    assert pick(reg).backend.index == 0
+
+
+def test_overloaded_backend_past_max_age_gets_the_worst_prior_not_the_median():
+    reg, clock = registry(3)
+    for i, r in enumerate([1.0, 2.0, 40.0]):
+        scrape_ok(reg, i, vm(running=r))
+    fail(reg, 2, times=5, timeout=True)
+    clock.advance(11.0)  # past max_metrics_age for backend 2
+    scrape_ok(reg, 0, vm(running=1))
+    scrape_ok(reg, 1, vm(running=2))
+    reg.rebuild()
+    b2 = reg.snapshot().backends[2]
+    assert b2.freshness is Freshness.UNKNOWN and b2.prior
+    assert b2.running == 2.0  # max of the known (1, 2): busy, not the median, not 0
+    assert pick(reg).backend.index == 0
+
+
+def test_plain_unknown_after_max_age_gets_median_prior():
+    reg, clock = registry(3)
+    for i in range(3):
+        scrape_ok(reg, i, vm(running=float(i)))
+    clock.advance(10.5)
+    scrape_ok(reg, 0, vm(running=1))
+    scrape_ok(reg, 1, vm(running=3))
+    reg.rebuild()
+    b2 = reg.snapshot().backends[2]
+    assert b2.freshness is Freshness.UNKNOWN
+    assert b2.running == 2.0
+
+
+def test_stale_keeps_last_known_values_plus_pending():
+    reg, clock = registry(2)
+    scrape_ok(reg, 0, vm(running=3))
+    scrape_ok(reg, 1, vm(running=3))
+    clock.advance(2.0)  # both stale now
+    reg.rebuild()
+    snap = reg.snapshot()
+    assert [b.freshness for b in snap.backends] == [Freshness.STALE, Freshness.STALE]
+    assert not snap.cold
+    for _ in range(2):
+        reg.on_pick(0)
+    assert pick(reg).backend.index == 1  # 3 + 2 pending > 3
+
+
+def test_token_rate_and_recent_ttft_from_counter_deltas():
+    reg, clock = registry(1)
+    scrape_ok(reg, 0, vm(prompt=100, gen=100, ttft_sum=1.0, ttft_count=10))
+    clock.advance(1.0)
+    scrape_ok(reg, 0, vm(prompt=300, gen=400, ttft_sum=3.0, ttft_count=12))
+    reg.rebuild()
+    b = reg.snapshot().backends[0]
+    assert b.token_rate == pytest.approx(500.0)
+    assert b.ttft == pytest.approx(1.0)  # (3-1)/(12-10): recent, not lifetime 0.25
+
+
+def test_counter_reset_clears_the_rate_window():
+    reg, clock = registry(1)
+    scrape_ok(reg, 0, vm(prompt=1000, gen=1000))
+    clock.advance(1.0)
+    scrape_ok(reg, 0, vm(prompt=10, gen=10))  # restarted server
+    clock.advance(1.0)
+    scrape_ok(reg, 0, vm(prompt=110, gen=10))
+    reg.rebuild()
+    assert reg.snapshot().backends[0].token_rate == pytest.approx(100.0)
+
+
+def test_removed_backend_is_gone_and_its_late_completion_is_harmless():
+    reg, _ = registry(2)
+    scrape_ok(reg, 0, vm())
+    token = reg.on_pick(0)
+    reg.set_backends(["http://10.0.0.2:8000"])
+    assert [b.endpoint for b in reg.snapshot().backends] == ["10.0.0.2:8000"]
+    reg.on_done(token)  # must not touch the new slot 0
+    assert reg.snapshot().pending == (0,)

@@ -1,0 +1,126 @@
+"""Contract tests run for EVERY registered strategy, then each strategy's own rule."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from extproc.decide import NoBackends, decide
+from extproc.strategies import FALLBACKS, STRATEGIES, RequestFacts, get_strategy
+
+from .helpers import registry, scrape_ok, vm
+
+ALL = sorted(STRATEGIES)
+RANDOM = FALLBACKS["random"]
+
+
+def run(reg, name, seed=0, seq=0):
+    return decide(STRATEGIES[name], RANDOM, RequestFacts(seq=seq), reg.snapshot(), random.Random(seed))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_empty_snapshot_is_no_backends(name):
+    reg, _ = registry(0)
+    with pytest.raises(NoBackends):
+        run(reg, name)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cold_snapshot_still_answers(name):
+    reg, _ = registry(3)
+    d = run(reg, name)
+    assert d.backend.endpoint in {"10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"}
+    expected = "cold-cache" if STRATEGIES[name].needs_metrics else name
+    assert d.reason == expected and d.strategy == name
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_partial_snapshot_answers_with_metrics_reason(name):
+    reg, _ = registry(3)
+    scrape_ok(reg, 0, vm(running=1))
+    d = run(reg, name)
+    assert d.reason == ("metrics" if STRATEGIES[name].needs_metrics else name)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_ties_are_broken_at_random(name):
+    reg, _ = registry(3)
+    for i in range(3):
+        scrape_ok(reg, i, vm(running=2, kv=0.5))
+    chosen = {run(reg, name, seed=s, seq=s).backend.index for s in range(60)}
+    assert chosen == {0, 1, 2}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_strategy_exception_falls_back(name, monkeypatch):
+    reg, _ = registry(2)
+    scrape_ok(reg, 0, vm())
+    strategy = STRATEGIES[name]
+
+    class Boom:
+        needs_metrics = strategy.needs_metrics
+
+        def __init__(self):
+            self.name = name
+
+        def choose(self, *a):
+            raise RuntimeError("bug")
+
+    d = decide(Boom(), RANDOM, RequestFacts(), reg.snapshot(), random.Random(0))
+    assert d.reason == "fallback-error" and d.strategy == name
+
+
+def test_unknown_strategy_name_lists_valid_values():
+    with pytest.raises(KeyError, match="least-request"):
+        get_strategy("nope")
+
+
+def test_round_robin_cycles_in_order():
+    reg, _ = registry(3)
+    assert [run(reg, "round-robin", seq=i).backend.index for i in range(6)] == [0, 1, 2, 0, 1, 2]
+
+
+def test_random_is_roughly_uniform():
+    reg, _ = registry(4)
+    counts = Counter(run(reg, "random", seed=s).backend.index for s in range(2000))
+    assert all(400 <= c <= 600 for c in counts.values()), counts
+
+
+def test_least_request_counts_running_waiting_and_pending():
+    reg, _ = registry(3)
+    scrape_ok(reg, 0, vm(running=1, waiting=3))  # 4
+    scrape_ok(reg, 1, vm(running=3, waiting=0))  # 3
+    scrape_ok(reg, 2, vm(running=2, waiting=0))  # 2 + 2 pending = 4
+    reg.on_pick(2)
+    reg.on_pick(2)
+    assert run(reg, "least-request").backend.index == 1
+
+
+def test_least_kv_cache_picks_lowest_usage():
+    reg, _ = registry(3)
+    for i, kv in enumerate([0.9, 0.2, 0.5]):
+        scrape_ok(reg, i, vm(kv=kv, running=0))
+    assert run(reg, "least-kv-cache").backend.index == 1
+
+
+def test_throughput_picks_lowest_token_rate(monkeypatch):
+    reg, clock = registry(2)
+    scrape_ok(reg, 0, vm(prompt=0, gen=0, running=1))
+    scrape_ok(reg, 1, vm(prompt=0, gen=0, running=1))
+    clock.advance(1.0)
+    scrape_ok(reg, 0, vm(prompt=500, gen=500, running=1))  # 1000 tok/s
+    scrape_ok(reg, 1, vm(prompt=50, gen=50, running=1))  # 100 tok/s
+    assert run(reg, "throughput").backend.index == 1
+
+
+def test_least_latency_weighs_ttft_by_queue():
+    reg, clock = registry(2)
+    scrape_ok(reg, 0, vm(ttft_sum=0.0, ttft_count=0, waiting=0))
+    scrape_ok(reg, 1, vm(ttft_sum=0.0, ttft_count=0, waiting=0))
+    clock.advance(1.0)
+    # backend 0: fast TTFT (0.1 s) but 9 queued -> 1.0 s; backend 1: 0.3 s, empty queue -> 0.3 s
+    scrape_ok(reg, 0, vm(ttft_sum=1.0, ttft_count=10, waiting=9))
+    scrape_ok(reg, 1, vm(ttft_sum=3.0, ttft_count=10, waiting=0))
+    assert run(reg, "least-latency").backend.index == 1

@@ -124,7 +124,8 @@ class BackendRegistry:
 
     def record_success(self, record: BackendRecord, metrics: VllmMetrics, started_generation: int) -> None:
         now = self._clock()
-        was_unknown = record.last_ok is None
+        # Transitions that change eligibility are published at once, not at the next tick.
+        transition = record.last_ok is None or not record.healthy or record.overloaded
         record.metrics = metrics
         record.last_ok = now
         record.failures = 0
@@ -135,15 +136,18 @@ class BackendRegistry:
             record.pending -= record.open_by_generation.pop(g)
         self._sync_pending(record)
         self._update_windows(record, now, metrics)
-        if was_unknown:
-            self.rebuild()  # a newcomer or cold start: show its data without waiting a tick
+        if transition:
+            self.rebuild()  # newcomer, cold start or recovery: visible without waiting a tick
 
     def record_failure(self, record: BackendRecord, error: str, *, timeout: bool) -> None:
         record.last_error = error
+        was = (record.healthy, record.overloaded)
         if timeout:
             record.timeouts += 1
         else:
             record.failures += 1
+        if (record.healthy, record.overloaded) != was:
+            self.rebuild()  # became unhealthy/overloaded: stop routing on the old view now
 
     @staticmethod
     def _update_windows(record: BackendRecord, now: float, m: VllmMetrics) -> None:

@@ -93,7 +93,7 @@ _NAMES_ALT = "|".join(sorted(_SLOT_OF, key=len, reverse=True))
 # fit the grammar still matches with group 'value' = None and is reported, not skipped silently.
 _SAMPLE_TAIL = (
     r"(?![\w:])"
-    r"(?:[ \t]*+(?:\{(?P<labels>" + _BODY + r")\})?"
+    r"(?:(?:[ \t]*+\{(?P<labels>" + _BODY + r")\})?"
     r"[ \t]++(?P<value>[^ \t\r\n]++)"
     r"(?:[ \t]++[-+]?[0-9][0-9.eE+-]*+)?"  # optional timestamp (ignored)
     r"(?:[ \t]++#[^\r\n]*+)?"  # optional OpenMetrics exemplar (ignored)
@@ -131,9 +131,12 @@ _LABEL_CACHE_MAX = 1024
 def _parse_labels(body: str, line: str) -> dict[str, str]:
     if _LABELS_VALID_RE.fullmatch(body) is None:
         raise MetricsParseError(f"malformed label set in sample line: {line[:200]!r}")
+    pairs = _LABEL_PAIR_RE.findall(body)
     labels: dict[str, str] = {}
-    for key, value in _LABEL_PAIR_RE.findall(body):
+    for key, value in pairs:
         labels[key] = _ESCAPE_RE.sub(_unescape, value) if "\\" in value else value
+    if len(labels) != len(pairs):
+        raise MetricsParseError(f"duplicate label name in sample line: {line[:200]!r}")
     if len(_LABEL_CACHE) >= _LABEL_CACHE_MAX:
         _LABEL_CACHE.clear()
     _LABEL_CACHE[body] = labels
@@ -198,7 +201,7 @@ def parse_vllm_metrics(text: str) -> VllmMetrics:
     first = _FIRST_SAMPLE_RE.match(text)
     matches = _SAMPLE_RE.finditer(text)
     for match in matches if first is None else chain((first,), matches):
-        name, body, raw_value = match.group("name", "labels", "value")
+        name, body, raw_value = match.group(1, 2, 3)  # name, labels, value
         if raw_value is None:
             end = text.find("\n", match.start() + 1)
             line = text[match.start() : end if end >= 0 else len(text)].strip()

@@ -15,6 +15,7 @@ from extproc.config import Settings
 from extproc.discovery import Discovery, normalize_static
 from extproc.grpc_server import build_server, set_serving
 from extproc.observability import Metrics
+from extproc.prefix_index import PrefixIndex
 from extproc.processor import Processor
 from extproc.scraper import Scraper
 from extproc.strategies import FALLBACKS
@@ -34,10 +35,18 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     registry = BackendRegistry(stale_after=settings.stale_after, max_metrics_age=settings.max_metrics_age)
     metrics = Metrics()
     metrics.attach_backends(registry)
-    scraper = Scraper(registry, metrics, interval=settings.scrape_interval, timeout=settings.scrape_timeout)
+    scraper = Scraper(
+        registry,
+        metrics,
+        interval=settings.scrape_interval,
+        timeout=settings.scrape_timeout,
+        models_interval=settings.models_interval,
+    )
+    prefix_index = PrefixIndex()
 
     def on_backends(urls: list[str]) -> None:
         added, removed = registry.set_backends(urls)
+        prefix_index.purge(r.endpoint for r in removed)
         if added or removed:
             log.info("backends: +%s -%s (now %d)", [r.endpoint for r in added], [r.endpoint for r in removed], len(urls))
         scraper.sync()
@@ -50,6 +59,8 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         fallback=FALLBACKS[settings.fallback],
         metrics=metrics,
         expose_routing_headers=settings.expose_routing_headers,
+        prefix_index=prefix_index,
+        max_body_bytes=settings.max_body_bytes,
         rng=random.Random(),
     )
     server, health_servicer = build_server(processor, registry, settings.grpc_address)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from extproc.metrics_parser import VllmMetrics
-from extproc.snapshot import BackendView, Freshness, Snapshot
+from extproc.snapshot import BackendView, Freshness, Pool, Snapshot
 
 # Consecutive refused/erroring/unparsable scrapes before a backend is excluded.
 UNHEALTHY_AFTER_FAILURES = 3
@@ -60,6 +60,8 @@ class BackendRecord:
     history: deque[_Sample] = field(default_factory=lambda: deque(maxlen=HISTORY_SAMPLES))
     token_rate: float | None = None
     ttft: float | None = None
+    served_models: frozenset[str] = frozenset()  # ids from GET /v1/models
+    adapters: frozenset[str] = frozenset()  # ids from /v1/models that have a parent (LoRA)
 
     @property
     def healthy(self) -> bool:
@@ -148,6 +150,11 @@ class BackendRegistry:
             record.failures += 1
         if (record.healthy, record.overloaded) != was:
             self.rebuild()  # became unhealthy/overloaded: stop routing on the old view now
+
+    def record_models(self, record: BackendRecord, ids: frozenset[str], adapters: frozenset[str]) -> None:
+        if (ids, adapters) != (record.served_models, record.adapters):
+            record.served_models, record.adapters = ids, adapters
+            self.rebuild()  # model pools changed: route by the new ones at once
 
     @staticmethod
     def _update_windows(record: BackendRecord, now: float, m: VllmMetrics) -> None:
@@ -278,16 +285,23 @@ def build_snapshot(records: list[BackendRecord], now: float, stale_after: float,
                 age=age,
                 prior=prior,
                 metrics=r.metrics,
+                models=r.served_models | frozenset(r.metrics.models if r.metrics else ()),
+                adapters=r.adapters,
                 **filled,  # type: ignore[arg-type]
             )
         )
-    healthy = tuple(v for v in views if v.healthy)
-    eligible = healthy or tuple(views)
+    members: dict[str, list[BackendView]] = {}
+    unknown_models = []
+    for v in views:
+        if not v.models:
+            unknown_models.append(v)
+        for model in v.models:
+            members.setdefault(model, []).append(v)
     return Snapshot(
         backends=tuple(views),
         built_at=now,
         pending=tuple(r.pending for r in records),
-        eligible=eligible,
-        all_unhealthy=bool(views) and not healthy,
-        eligible_known=any(v.known for v in eligible),
+        everyone=Pool.of(tuple(views)),
+        model_pools={m: Pool.of(tuple(vs)) for m, vs in members.items()},
+        models_unknown=Pool.of(tuple(unknown_models)),
     )

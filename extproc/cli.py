@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif field.annotation is float:
             kwargs["type"] = float
+        elif field.annotation is int:
+            kwargs["type"] = int
         default = field.get_default(call_default_factory=True)
         kwargs["help"] += f" (default: {default})"
         serve.add_argument(flag, **kwargs)

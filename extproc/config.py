@@ -36,6 +36,15 @@ class Settings(BaseSettings):
     max_metrics_age: float = Field(
         10.0, gt=0, description="Metrics older than this (s) are unknown: the backend gets a prior instead."
     )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        gt=0,
+        description="Largest request body the service reads (bytes); larger ones get 413. Keep Envoy's "
+        "per_connection_buffer_limit_bytes at least as large.",
+    )
+    models_interval: float = Field(
+        5.0, gt=0, description="Seconds between GET /v1/models per backend (model pools and LoRA adapters)."
+    )
     expose_routing_headers: bool = Field(
         True, description="Emit the 'extproc' metadata that Envoy turns into x-routing-* response headers."
     )

@@ -15,7 +15,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.backends import BackendRegistry, PickToken
-from extproc.processor import Processor
+from extproc.processor import Processor, StreamState
+from extproc.route_settings import RouteSettingsCache
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +31,19 @@ class ExtProcHandler:
     def __init__(self, processor: Processor, registry: BackendRegistry) -> None:
         self.processor = processor
         self.registry = registry
+        self.route_settings = RouteSettingsCache()
 
     async def process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         tokens: list[PickToken] = []
+        # Per-route settings arrive as the stream's initial metadata (ExtProcPerRoute).
+        state = StreamState(route=self.route_settings.get(context.invocation_metadata()))
         try:
             while True:
                 req = await context.read()
                 if req is grpc.aio.EOF:
                     break
                 try:
-                    outcome = self.processor.handle(req)
+                    outcome = self.processor.handle(req, state)
                 except Exception:  # the processor already guards decisions; this is a last net
                     log.exception("ext_proc message handling failed")
                     continue

@@ -12,6 +12,7 @@ import logging
 import time
 
 import aiohttp
+import orjson
 
 from extproc.backends import BackendRecord, BackendRegistry
 from extproc.metrics_parser import MetricsParseError, parse_vllm_metrics
@@ -22,11 +23,18 @@ log = logging.getLogger(__name__)
 
 class Scraper:
     def __init__(
-        self, registry: BackendRegistry, metrics: Metrics, *, interval: float, timeout: float
+        self,
+        registry: BackendRegistry,
+        metrics: Metrics,
+        *,
+        interval: float,
+        timeout: float,
+        models_interval: float = 5.0,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.interval = interval
+        self.models_interval = models_interval
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._ticker: asyncio.Task[None] | None = None
@@ -66,10 +74,33 @@ class Scraper:
 
     async def _loop(self, rec: BackendRecord) -> None:
         url = rec.url.rstrip("/") + "/metrics"
+        models_url = rec.url.rstrip("/") + "/v1/models"
+        next_models = 0.0
         while rec.slot >= 0:  # -1 once the backend left the pool
             started = time.monotonic()
-            await self.scrape_once(rec, url)
+            result = await self.scrape_once(rec, url)
+            # /v1/models changes rarely (adapters loaded at run time): poll it slowly, and at
+            # once when a backend first answers.
+            if result == "ok" and started >= next_models:
+                if await self.fetch_models(rec, models_url):
+                    next_models = started + self.models_interval
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def fetch_models(self, rec: BackendRecord, url: str) -> bool:
+        """GET /v1/models: every id (base models and LoRA adapters, which have a parent)."""
+        assert self._session is not None
+        try:
+            async with self._session.get(url, timeout=self.timeout) as resp:
+                if resp.status != 200:
+                    return False
+                data = orjson.loads(await resp.read())
+            entries = [e for e in data.get("data", []) if isinstance(e, dict) and isinstance(e.get("id"), str)]
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError, AttributeError):
+            return False
+        ids = frozenset(e["id"] for e in entries)
+        adapters = frozenset(e["id"] for e in entries if e.get("parent"))
+        self.registry.record_models(rec, ids, adapters)
+        return True
 
     async def scrape_once(self, rec: BackendRecord, url: str) -> str:
         assert self._session is not None

@@ -8,6 +8,7 @@ Unknown backends carry *priors* instead of zeros so that a newcomer is neither f
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -38,10 +39,38 @@ class BackendView:
     token_rate: float  # prompt + generation tokens/s over the recent window
     ttft: float  # recent mean time to first token, seconds
     metrics: VllmMetrics | None = None  # last-known raw values (models, LoRA, cache config)
+    # Model ids served: the metrics' model_name labels plus /v1/models ids (LoRA adapters too).
+    models: frozenset[str] = frozenset()
+    adapters: frozenset[str] = frozenset()  # the subset of ``models`` that are LoRA adapters
 
     @property
     def known(self) -> bool:
         return self.freshness is not Freshness.UNKNOWN
+
+    @property
+    def lora_running(self) -> tuple[str, ...]:
+        return self.metrics.lora_running if self.metrics else ()
+
+    @property
+    def lora_room(self) -> bool:
+        """True if the server can load one more adapter without evicting a running one."""
+        m = self.metrics
+        return m is None or m.max_lora is None or len(m.lora_running) < m.max_lora
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """The backends a decision may choose from, with the eligibility facts of that subset."""
+
+    eligible: tuple[BackendView, ...]  # healthy members, or all members if none is healthy
+    all_unhealthy: bool
+    eligible_known: bool
+
+    @staticmethod
+    def of(views: tuple[BackendView, ...]) -> Pool:
+        healthy = tuple(v for v in views if v.healthy)
+        eligible = healthy or views
+        return Pool(eligible, bool(views) and not healthy, any(v.known for v in eligible))
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,17 +81,29 @@ class Snapshot:
     # with ``backends``. Added to scraped load so a burst between scrapes spreads out.
     pending: tuple[int, ...] = field(default=())
     # Precomputed once per build so a decision does no O(n) filtering:
-    eligible: tuple[BackendView, ...] = ()  # healthy backends, or all if none is healthy
-    all_unhealthy: bool = False
-    eligible_known: bool = False  # at least one eligible backend has real metrics
+    everyone: Pool = Pool((), False, False)  # the whole pool
+    # Per served model id (base models and adapters). Empty when no backend reports models
+    # (then requests are not filtered by model).
+    model_pools: Mapping[str, Pool] = field(default_factory=dict)
+    # Backends whose models are not known yet (never scraped): a model nobody known serves
+    # may still be served by one of them.
+    models_unknown: Pool = Pool((), False, False)
 
     def with_pending(self, pending: tuple[int, ...]) -> Snapshot:
-        return Snapshot(self.backends, self.built_at, pending, self.eligible, self.all_unhealthy, self.eligible_known)
+        return Snapshot(self.backends, self.built_at, pending, self.everyone, self.model_pools, self.models_unknown)
+
+    @property
+    def eligible(self) -> tuple[BackendView, ...]:
+        return self.everyone.eligible
+
+    @property
+    def all_unhealthy(self) -> bool:
+        return self.everyone.all_unhealthy
 
     @property
     def cold(self) -> bool:
         """No eligible backend has usable metrics: load-aware strategies cannot decide."""
-        return not self.eligible_known
+        return not self.everyone.eligible_known
 
     def pending_of(self, index: int) -> int:
         return self.pending[index] if index < len(self.pending) else 0

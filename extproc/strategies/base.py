@@ -14,6 +14,20 @@ from typing import Protocol
 from extproc.snapshot import BackendView, Snapshot
 
 
+def _no_prefix(endpoint: str) -> float:
+    return 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    """Weights of the ``weighted`` strategy's scorers (per route via Envoy, see README)."""
+
+    queue: float = 2.0
+    kv: float = 2.0
+    prefix: float = 3.0
+    lora: float = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class RequestFacts:
     """What the service knows about one request when it decides."""
@@ -21,17 +35,38 @@ class RequestFacts:
     seq: int = 0  # per-process request counter (makes round-robin a pure function)
     path: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
-    model: str | None = None
+    model: str | None = None  # from the body, when the body was read
+    session_key: str | None = None  # x-session-id header, else the body's "user"
+    has_prompt: bool = False  # a prompt was read, so prefix_match is meaningful
+    # Fraction (0..1) of this request's prompt blocks the backend probably has cached.
+    # Read-only view of the prefix index; the processor records the pick afterwards.
+    prefix_match: Callable[[str], float] = _no_prefix
+    weights: Weights = Weights()
+    # Load guard of prefix-cache: leave the best-matching server once its load exceeds the
+    # least loaded candidate's by more than this many requests AND by this factor.
+    prefix_guard_abs: float = 4.0
+    prefix_guard_rel: float = 1.5
+    prompt_hashes: tuple[int, ...] = ()  # chained block hashes of the prompt (prefix index keys)
+
+
+Choice = BackendView | tuple[BackendView, str]
+"""A strategy returns the backend, or (backend, reason) to report a finer reason."""
 
 
 class Strategy(Protocol):
     name: str
-    # False for load-blind strategies (random, round-robin): they work on a cold cache.
+    # False for strategies that handle a cold cache themselves (random, round-robin, session,
+    # prefix-cache, weighted); True ones get the fallback, reason ``cold-cache``.
     needs_metrics: bool
 
     def choose(
         self, facts: RequestFacts, snap: Snapshot, candidates: Sequence[BackendView], rng: random.Random
-    ) -> BackendView: ...
+    ) -> Choice: ...
+
+
+def request_load(b: BackendView, snap: Snapshot) -> float:
+    """running + waiting + sent-since-last-scrape: the load measure most strategies share."""
+    return b.running + b.waiting + snap.pending_of(b.index)
 
 
 def pick_lowest(

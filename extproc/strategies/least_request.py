@@ -4,12 +4,6 @@ The in-flight term (``pending``) matters between scrapes: without it a burst of 
 arriving within one scrape interval would all pick the same "idle" server.
 """
 
-from extproc.snapshot import BackendView, Snapshot
-from extproc.strategies.base import LowestCost
-
-
-def request_load(b: BackendView, snap: Snapshot) -> float:
-    return b.running + b.waiting + snap.pending_of(b.index)
-
+from extproc.strategies.base import LowestCost, request_load
 
 STRATEGY = LowestCost("least-request", request_load)

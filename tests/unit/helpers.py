@@ -47,6 +47,7 @@ def scrape_ok(reg: BackendRegistry, i: int, metrics: VllmMetrics) -> None:
     rec = reg.records[i]
     gen = reg.begin_scrape(rec)
     reg.record_success(rec, metrics, gen)
+    reg.rebuild()  # what the scraper's ticker does every interval
 
 
 def fail(reg: BackendRegistry, i: int, times: int = 1, *, timeout: bool = False) -> None:

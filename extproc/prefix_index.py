@@ -1,0 +1,100 @@
+"""Approximate prefix-cache index: which backend probably holds which prompt prefix in KV cache.
+
+The gateway has no tokenizer, so prompts are cut into blocks of ``block_chars`` characters
+(~4 characters per token, so the default 64 ≈ 16 tokens, vLLM's default block size). Block i's
+hash chains block i-1's (xxh3_64 seeded with the previous hash, the first seeded with the
+model), so a hash identifies a whole prefix, like vLLM's own prefix-cache keys. Only full
+blocks count, as in vLLM.
+
+Each backend has an LRU of block hashes, sized from its ``vllm:cache_config_info``
+(num_gpu_blocks × block_size tokens) when known, else ``default_capacity``. The index is
+updated on every pick (the chosen backend will compute and cache those blocks) and a backend
+that leaves the pool is purged. Memory is bounded: per-backend capacity is capped.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import xxhash
+
+CHARS_PER_TOKEN = 4
+MAX_BLOCKS_PER_PROMPT = 512  # longer prompts: the first 32K characters decide
+
+
+def block_hashes(model: str, text: str, block_chars: int = 64) -> tuple[int, ...]:
+    seed = xxhash.xxh3_64_intdigest(model.encode())
+    n = min(len(text) // block_chars, MAX_BLOCKS_PER_PROMPT)
+    if text.isascii():  # the common case: slice the bytes once, no per-block encode
+        data = text.encode()
+        chunks = (data[i * block_chars : (i + 1) * block_chars] for i in range(n))
+    else:
+        chunks = (text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass") for i in range(n))
+    out = []
+    for chunk in chunks:
+        seed = xxhash.xxh3_64_intdigest(chunk, seed=seed)
+        out.append(seed)
+    return tuple(out)
+
+
+class PrefixIndex:
+    def __init__(self, *, block_chars: int = 64, default_capacity: int = 50_000, max_capacity: int = 500_000) -> None:
+        self.block_chars = block_chars
+        self.default_capacity = default_capacity
+        self.max_capacity = max_capacity
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+        self._capacity: dict[str, int] = {}
+
+    def set_capacity_from_cache_config(self, endpoint: str, num_gpu_blocks: int | None, block_size: int | None) -> None:
+        if num_gpu_blocks and block_size:
+            tokens = num_gpu_blocks * block_size
+            blocks = tokens * CHARS_PER_TOKEN // self.block_chars
+            self._capacity[endpoint] = max(1, min(blocks, self.max_capacity))
+
+    def capacity(self, endpoint: str) -> int:
+        return self._capacity.get(endpoint, self.default_capacity)
+
+    def hashes(self, model: str, text: str) -> tuple[int, ...]:
+        return block_hashes(model, text, self.block_chars)
+
+    def matched_blocks(self, endpoint: str, hashes: tuple[int, ...]) -> int:
+        lru = self._lru.get(endpoint)
+        if not lru or not hashes:
+            return 0
+        # Chained hashes: block i present implies its whole prefix was cached, so binary search
+        # for the longest present prefix (LRU may have evicted the middle; then we undercount).
+        lo, hi = 0, len(hashes)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if hashes[mid - 1] in lru:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def match_fraction(self, endpoint: str, hashes: tuple[int, ...]) -> float:
+        return self.matched_blocks(endpoint, hashes) / len(hashes) if hashes else 0.0
+
+    def record(self, endpoint: str, hashes: tuple[int, ...]) -> None:
+        if not hashes:
+            return
+        lru = self._lru.get(endpoint)
+        if lru is None:
+            lru = self._lru[endpoint] = OrderedDict()
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+        excess = len(lru) - self.capacity(endpoint)
+        for _ in range(max(0, excess)):
+            lru.popitem(last=False)
+
+    def purge(self, endpoints: Iterable[str]) -> None:
+        for ep in endpoints:
+            self._lru.pop(ep, None)
+            self._capacity.pop(ep, None)
+
+    def size(self, endpoint: str) -> int:
+        return len(self._lru.get(endpoint, ()))

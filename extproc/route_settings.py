@@ -1,0 +1,113 @@
+"""Per-route tuning sent by Envoy as gRPC initial metadata of the ext_proc stream.
+
+envoy.yaml sets them per route with ``ExtProcPerRoute.overrides.grpc_initial_metadata``:
+
+| key | value | meaning |
+|---|---|---|
+| ``x-extproc-strategy`` | a strategy name | this route's strategy (beats the client header and the service default) |
+| ``x-extproc-allow-client-strategy`` | ``true`` / ``false`` | whether clients may pick with ``x-routing-strategy`` here (default true) |
+| ``x-extproc-weights`` | ``queue=2,kv=2,prefix=3,lora=1`` | weights of the ``weighted`` strategy (missing keys keep defaults) |
+| ``x-extproc-prefix-guard`` | ``abs=4,rel=1.5`` | load guard of ``prefix-cache`` |
+
+Precedence: route setting > client header (unless the route forbids it) > service default.
+A bad value is logged once and ignored (the route then behaves as if it were absent):
+an operator's typo must not fail user requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+from extproc.strategies import STRATEGIES, Weights
+
+log = logging.getLogger(__name__)
+
+PREFIX = "x-extproc-"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSettings:
+    strategy: str | None = None
+    allow_client_strategy: bool = True
+    weights: Weights = Weights()
+    prefix_guard_abs: float = 4.0
+    prefix_guard_rel: float = 1.5
+
+
+DEFAULT = RouteSettings()
+
+
+def _pairs(value: str) -> dict[str, float]:
+    out = {}
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        key, sep, num = part.partition("=")
+        if not sep:
+            raise ValueError(f"expected key=value, got {part!r}")
+        x = float(num)
+        if x < 0 or x != x:
+            raise ValueError(f"{key.strip()} must be a non-negative number")
+        out[key.strip()] = x
+    return out
+
+
+def parse_route_settings(metadata: Iterable[tuple[str, str | bytes]]) -> RouteSettings:
+    values = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in metadata if k.startswith(PREFIX)}
+    if not values:
+        return DEFAULT
+    kw: dict[str, object] = {}
+    strategy = values.get(PREFIX + "strategy")
+    if strategy is not None:
+        if strategy in STRATEGIES:
+            kw["strategy"] = strategy
+        else:
+            log.warning("route metadata names unknown strategy %r; using the default", strategy)
+    allow = values.get(PREFIX + "allow-client-strategy")
+    if allow is not None:
+        kw["allow_client_strategy"] = allow.strip().lower() not in ("false", "0", "no", "off")
+    weights = values.get(PREFIX + "weights")
+    if weights is not None:
+        try:
+            pairs = _pairs(weights)
+            known = {f.name for f in fields(Weights)}
+            unknown = set(pairs) - known
+            if unknown:
+                raise ValueError(f"unknown weight(s) {sorted(unknown)}; known: {sorted(known)}")
+            kw["weights"] = Weights(**pairs)
+        except ValueError as exc:
+            log.warning("ignoring route weights %r: %s", weights, exc)
+    guard = values.get(PREFIX + "prefix-guard")
+    if guard is not None:
+        try:
+            pairs = _pairs(guard)
+            if "abs" in pairs:
+                kw["prefix_guard_abs"] = pairs["abs"]
+            if "rel" in pairs:
+                kw["prefix_guard_rel"] = pairs["rel"]
+        except ValueError as exc:
+            log.warning("ignoring route prefix guard %r: %s", guard, exc)
+    return RouteSettings(**kw)  # type: ignore[arg-type]
+
+
+class RouteSettingsCache:
+    """Envoy sends the same few metadata sets again and again: parse each once."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._cache: dict[tuple[tuple[str, str | bytes], ...], RouteSettings] = {}
+        self._limit = limit
+
+    def get(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> RouteSettings:
+        if not metadata:
+            return DEFAULT
+        key = tuple((k, v) for k, v in metadata if k.startswith(PREFIX))
+        if not key:
+            return DEFAULT
+        found = self._cache.get(key)
+        if found is None:
+            if len(self._cache) >= self._limit:
+                self._cache.clear()
+            found = self._cache[key] = parse_route_settings(key)
+        return found

@@ -12,7 +12,8 @@ from extproc.observability import Metrics
 
 
 def backends_json(registry: BackendRegistry) -> dict[str, object]:
-    snap = registry.rebuild_view()
+    # The live snapshot, exactly what decisions read right now (rebuilt every scrape interval).
+    snap = registry.snapshot()
     records = {r.endpoint: r for r in registry.records}
     out = []
     for v in snap.backends:
@@ -41,7 +42,7 @@ def backends_json(registry: BackendRegistry) -> dict[str, object]:
                 "lora_running": list(m.lora_running) if m else [],
             }
         )
-    return {"cold": snap.cold, "all_unhealthy": snap.all_unhealthy, "backends": out}
+    return {"cold": snap.cold, "all_unhealthy": snap.all_unhealthy, "built_at": snap.built_at, "backends": out}
 
 
 def build_admin_app(registry: BackendRegistry, metrics: Metrics, settings: Settings) -> web.Application:

@@ -1,16 +1,18 @@
 """Fast, narrow parser for a vLLM server's Prometheus ``/metrics`` page.
 
 The scraper fetches every backend's page every 100 ms, so this runs on a hot path: a real vLLM
-0.32 page is ~52 KB / ~600 lines, of which the router needs about a dozen samples.
-``prometheus_client.parser`` builds every family and sample in Python and takes ~10-20 ms per page
-on the reference machine (see ``bench/bench_parse.py``); the budget here is 2 ms.
+0.32 page is ~52 KB / ~620 lines, of which the router needs about a dozen samples.
+``prometheus_client.parser`` builds every family and sample in Python and takes ~12-22 ms per
+page on the 2-core reference machine; this parser takes ~0.1 ms (``bench/bench_parse.py``,
+results in bench/results/parse.md). The budget is 2 ms.
 
-Approach (measured against alternatives in bench/bench_parse.py and the report of issue 2):
-one precompiled regex scans the whole text once for line starts of the *few* wanted metric
-names (``\\n`` is a literal prefix, so ``re`` skips most of the text in C), and the same match
-captures the label block, value and optional timestamp. Labels are parsed only for the matched
-lines, and a label block is parsed once per call however many lines share it. Every other line
-(HELP/TYPE comments, histogram buckets, http_*/python_* families) is never looked at in Python.
+Approach (alternatives are timed by bench/bench_parse.py): one precompiled regex scans the whole
+text once for line starts of the *few* wanted metric names; "\\n" is its literal prefix, so
+``re`` hops from line to line in C (a ``^`` + re.MULTILINE version is ~6x slower, one
+``str.find`` per name or a ``split("\\n")`` loop ~3x). The same match captures the label block,
+value and optional timestamp. Labels are parsed only for the matched lines, and each distinct
+label block only once (see _LABEL_CACHE). Every other line (HELP/TYPE comments, histogram
+buckets, http_*/python_* families) is never looked at in Python.
 
 Consequences of being narrow, on purpose:
 - A malformed line of a *wanted* metric raises :class:`MetricsParseError`; a malformed line of
@@ -24,8 +26,8 @@ from __future__ import annotations
 
 import math
 import re
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 __all__ = ["MetricsParseError", "VllmMetrics", "parse_vllm_metrics"]
 
@@ -100,7 +102,7 @@ _SAMPLE_TAIL = (
     r"[ \t]*+\r?(?=\n|\Z))?"
 )
 # Lines after the first: the literal "\n" prefix lets `re` search in C without entering the
-# matcher at every position (a `^` + re.MULTILINE version measured ~8x slower).
+# matcher at every position (a `^` + re.MULTILINE version measured 6-8x slower).
 _SAMPLE_RE = re.compile(r"\n[ \t]*+vllm:(?P<name>" + _NAMES_ALT + r")" + _SAMPLE_TAIL)
 # The very first line has no "\n" before it; checked once with .match().
 _FIRST_SAMPLE_RE = re.compile(r"[ \t]*+vllm:(?P<name>" + _NAMES_ALT + r")" + _SAMPLE_TAIL)
@@ -175,9 +177,11 @@ def parse_vllm_metrics(text: str) -> VllmMetrics:
     """Extract the routing-relevant numbers from a vLLM ``/metrics`` body.
 
     Sums every series of a metric (i.e. over the data-parallel ``engine`` label), except KV-cache
-    usage which is averaged. NaN samples count as absent. Raises :class:`MetricsParseError` if the
-    body is empty, HTML, has neither ``vllm:num_requests_running`` nor
-    ``vllm:num_requests_waiting``, or if a line of one of the wanted metrics is malformed.
+    usage which is averaged. NaN samples count as absent (+/-Inf are kept); an optional metric
+    with no usable sample is None, and if only one of running/waiting is there the other is 0.0.
+    Raises :class:`MetricsParseError` if the body is empty, HTML, has no usable
+    ``vllm:num_requests_running`` nor ``vllm:num_requests_waiting`` sample, or if a line of one
+    of the wanted metrics is malformed.
     """
     # lstrip returns the same object when there is nothing to strip, so this is O(1) on real pages.
     head = text.lstrip()
@@ -233,7 +237,7 @@ def parse_vllm_metrics(text: str) -> VllmMetrics:
             if gpu_blocks_by_engine.get(engine) is None:
                 gpu_blocks_by_engine[engine] = _to_int(labels.get("num_gpu_blocks"))
             continue
-        if value != value:  # NaN: treat as absent
+        if value != value:  # noqa: PLR0124 -- NaN (cheaper than math.isnan): absent
             continue
         if slot == _LORA:
             # The value is the time the label set was last current; the newest one is the state

@@ -1,0 +1,83 @@
+"""Helpers for tests that go through the real Envoy: requests, polling, admin reads."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+MODEL = "tiny-llama"
+
+
+@dataclass
+class Routed:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def endpoint(self) -> str:
+        return self.headers.get("x-routed-endpoint", "")
+
+    @property
+    def reason(self) -> str:
+        return self.headers.get("x-routing-reason", "")
+
+    @property
+    def pod(self) -> str:
+        """The simulator that really served the request (its own response header)."""
+        return self.headers.get("x-inference-pod", "")
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+def chat_body(text: str = "hello", *, model: str = MODEL, max_tokens: int = 4, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, **extra}
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any] | bytes | None = None,
+    *,
+    path: str = "/v1/chat/completions",
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> Routed:
+    data = body if isinstance(body, bytes) else orjson.dumps(body if body is not None else chat_body())
+    hdrs = {"content-type": "application/json", **(headers or {})}
+    async with session.post(url + path, data=data, headers=hdrs, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        return Routed(r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read())
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+        return orjson.loads(await r.read())
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll ``check`` until it returns something truthy (returned), or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+
+
+async def backend_view(session: aiohttp.ClientSession, admin_url: str, endpoint: str) -> dict[str, Any]:
+    data = await get_json(session, admin_url + "/backends")
+    return next(b for b in data["backends"] if b["endpoint"] == endpoint)
+
+
+async def all_fresh(session: aiohttp.ClientSession, admin_url: str) -> bool:
+    data = await get_json(session, admin_url + "/backends")
+    return all(b["freshness"] == "fresh" for b in data["backends"])

@@ -276,8 +276,10 @@ LORA_TWO_SAMPLES = """\
 # TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{model_name="m"} 1.0
 # TYPE vllm:lora_requests_info gauge
-vllm:lora_requests_info{max_lora="4",running_lora_adapters="sql-lora,chat-lora",waiting_lora_adapters=""} 1.7200000050e+09
-vllm:lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters="old-lora"} 1.72e+09
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="sql-lora,chat-lora",\
+waiting_lora_adapters=""} 1.7200000050e+09
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="",\
+waiting_lora_adapters="old-lora"} 1.72e+09
 """
 
 LORA_EMPTY = """\
@@ -296,7 +298,8 @@ TRICKY = (
     'vllm:prompt_tokens_total{model_name="a,b}c"} 12 # {trace_id="x"} 1.0\r\n'
     "vllm:generation_tokens_total 7\r\n"
     "  vllm:time_to_first_token_seconds_count 2\r\n"
-    'vllm:lora_requests_info{running_lora_adapters="x, y,",max_lora="1",waiting_lora_adapters="z"} 5\r\n'
+    'vllm:lora_requests_info{running_lora_adapters="x, y,",max_lora="1",'
+    'waiting_lora_adapters="z"} 5\r\n'
 )
 
 MINIMAL = 'vllm:num_requests_running{engine="0",model_name="m"} 1.0\n'
@@ -493,7 +496,7 @@ DISTRACTORS = ["num_requests_waiting_by_reason", "num_requests_swapped",
 label_values = st.one_of(
     st.text(alphabet=',}{"\\\n= #\tab-', max_size=12),
     st.text(
-        alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r"),
+        alphabet=st.characters(codec="utf-8", exclude_characters="\r"),  # no surrogates
         max_size=12,
     ),
 )
@@ -550,7 +553,8 @@ def vllm_pages(draw: st.DrawFn) -> str:
         lines = []
         for suffix in ("_bucket", "_count", "_sum"):
             extra = {"le": "+Inf"} if suffix == "_bucket" else None
-            lines += draw(sample_lines("time_to_first_token_seconds" + suffix, engines, model, extra))
+            name = "time_to_first_token_seconds" + suffix
+            lines += draw(sample_lines(name, engines, model, extra))
         family("time_to_first_token_seconds", "histogram", lines)
     if draw(st.booleans()):
         nums = st.one_of(st.integers(1, 4096).map(str), st.just("None"), st.just("16.0"))

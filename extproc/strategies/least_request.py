@@ -4,6 +4,6 @@ The in-flight term (``pending``) matters between scrapes: without it a burst of 
 arriving within one scrape interval would all pick the same "idle" server.
 """
 
-from extproc.strategies.base import LowestCost, request_load
+from extproc.strategies.base import LowestCost, request_loads
 
-STRATEGY = LowestCost("least-request", request_load)
+STRATEGY = LowestCost("least-request", request_loads)

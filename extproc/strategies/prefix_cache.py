@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from extproc.snapshot import BackendView, Snapshot
-from extproc.strategies.base import Choice, RequestFacts, pick_lowest, request_load
+from extproc.strategies.base import Choice, RequestFacts, pick_lowest, pick_min, request_loads
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +30,11 @@ class PrefixCache:
     def choose(
         self, facts: RequestFacts, snap: Snapshot, candidates: Sequence[BackendView], rng: random.Random
     ) -> Choice:
-        loads = {b.index: request_load(b, snap) for b in candidates}
-        least = pick_lowest(candidates, lambda b: loads[b.index], rng)
+        load_list = request_loads(candidates, snap)
+        least = pick_min(candidates, load_list, rng)
         if not facts.has_prompt:
             return least, "prefix-miss"
+        loads = {b.index: x for b, x in zip(candidates, load_list)}
         matches = {b.index: facts.prefix_match(b.endpoint) for b in candidates}
         best_match = max(matches.values())
         if best_match <= 0.0:

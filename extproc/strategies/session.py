@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import xxhash
 
 from extproc.snapshot import BackendView, Snapshot
-from extproc.strategies.base import Choice, RequestFacts, pick_lowest, request_load
+from extproc.strategies.base import Choice, RequestFacts, pick_min, request_loads
 
 
 def rendezvous(key: str, candidates: Sequence[BackendView]) -> BackendView:
-    k = key.encode()
-    return max(candidates, key=lambda b: (xxhash.xxh3_64_intdigest(b.endpoint.encode(), seed=xxhash.xxh3_64_intdigest(k)), b.endpoint))
+    seed = xxhash.xxh3_64_intdigest(key.encode())
+    h = xxhash.xxh3_64_intdigest
+    return max(candidates, key=lambda b: (h(b.endpoint.encode(), seed=seed), b.endpoint))
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,7 @@ class Session:
         self, facts: RequestFacts, snap: Snapshot, candidates: Sequence[BackendView], rng: random.Random
     ) -> Choice:
         if not facts.session_key:
-            return pick_lowest(candidates, lambda b: request_load(b, snap), rng), "no-session"
+            return pick_min(candidates, request_loads(candidates, snap), rng), "no-session"
         return rendezvous(facts.session_key, candidates), "session"
 
 

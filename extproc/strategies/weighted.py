@@ -9,7 +9,8 @@ score = (w_queue·queue + w_kv·kv + w_prefix·prefix + w_lora·lora) / (sum of 
 - lora   = for an adapter: 1 if running there, 0.5 if a free adapter slot, 0 otherwise;
            1 for every server on base-model requests (neutral)
 Defaults queue 2, kv 2, prefix 3, lora 1 (the Inference Extension's default profile plus LoRA);
-per route through Envoy (see README "Tuning"). Ties break at random. On a cold cache queue
+per route through Envoy (see README "Tuning"). Ties break at random. (Dividing by the sum of
+the weights does not change the ranking, so the code skips it.) On a cold cache queue
 and kv are priors (equal for all), so prefix and in-flight decide [``cold-cache``].
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from extproc.snapshot import BackendView, Snapshot
-from extproc.strategies.base import Choice, RequestFacts, pick_lowest, request_load
+from extproc.strategies.base import Choice, RequestFacts, pick_min, request_loads
 
 
 def lora_score(model: str | None, b: BackendView) -> float:
@@ -40,18 +41,21 @@ class Weighted:
         self, facts: RequestFacts, snap: Snapshot, candidates: Sequence[BackendView], rng: random.Random
     ) -> Choice:
         w = facts.weights
-        total = (w.queue + w.kv + w.prefix + w.lora) or 1.0
-        loads = [request_load(b, snap) for b in candidates]
+        loads = request_loads(candidates, snap)
         lo, hi = min(loads), max(loads)
         span = hi - lo
-        scores = {}
-        for b, load in zip(candidates, loads):
-            queue = 1.0 - (load - lo) / span if span > 0 else 1.0
-            kv = 1.0 - min(max(b.kv_cache_usage, 0.0), 1.0)
-            prefix = facts.prefix_match(b.endpoint) if facts.has_prompt else 0.0
-            s = w.queue * queue + w.kv * kv + w.prefix * prefix + w.lora * lora_score(facts.model, b)
-            scores[b.index] = s / total
-        chosen = pick_lowest(candidates, lambda b: -scores[b.index], rng)
+        # Each scorer as one comprehension (fast for large pools); negated so that
+        # pick_min picks the highest score.
+        wq = w.queue / span if span > 0 else 0.0
+        neg_scores = [wq * (x - lo) - w.queue - w.kv * (1.0 - min(max(b.kv_cache_usage, 0.0), 1.0))
+                      for b, x in zip(candidates, loads)]
+        if facts.has_prompt and w.prefix:
+            match = facts.prefix_match
+            neg_scores = [s - w.prefix * match(b.endpoint) for s, b in zip(neg_scores, candidates)]
+        if w.lora:
+            model = facts.model
+            neg_scores = [s - w.lora * lora_score(model, b) for s, b in zip(neg_scores, candidates)]
+        chosen = pick_min(candidates, neg_scores, rng)
         return chosen, ("metrics" if snap.everyone.eligible_known else "cold-cache")
 
 

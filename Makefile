@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m extproc.localstack
+	$(PY) -m devstack
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -65,7 +65,8 @@ def build_server(processor: Processor, registry: BackendRegistry, address: str) 
     )
     server = grpc.aio.server(
         options=[
-            ("grpc.so_reuseport", 1),
+            # No SO_REUSEPORT: a second service on the same port must fail loudly, not share.
+            ("grpc.so_reuseport", 0),
             # Envoy keeps one HTTP/2 connection with many streams: allow plenty of them.
             ("grpc.max_concurrent_streams", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -1,0 +1,150 @@
+"""``python -m devstack`` (= ``make run``): 3 simulators + the service + Envoy on loopback.
+
+Prints the gateway URL and a curl line, keeps every process log in files, and stops everything
+cleanly on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from devstack.processes import ProcessStartError, port_is_free
+from devstack.stack import Stack
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
+    p.add_argument("--backends", type=int, default=3, help="number of vLLM simulators (3)")
+    p.add_argument(
+        "--first-sim-port", type=int, default=8001, help="simulator ports start here (8001)"
+    )
+    p.add_argument("--grpc-port", type=int, default=9002, help="service gRPC port (9002)")
+    p.add_argument("--service-admin-port", type=int, default=9090, help="service admin port (9090)")
+    p.add_argument("--envoy-port", type=int, default=10000, help="Envoy listener port (10000)")
+    p.add_argument("--envoy-admin-port", type=int, default=9901, help="Envoy admin port (9901)")
+    p.add_argument(
+        "--log-dir", type=Path, default=Path("run/devstack"), help="process logs (run/devstack)"
+    )
+    p.add_argument(
+        "--sim-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for every simulator (repeatable), e.g. --sim-arg=--seed=1",
+    )
+    p.add_argument(
+        "--service-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `extproc serve` (repeatable), e.g. --service-arg=--strategy=random",
+    )
+    p.add_argument(
+        "--envoy-concurrency", type=int, default=None, help="Envoy worker threads (Envoy default)"
+    )
+    return p.parse_args(argv)
+
+
+def _busy_ports(ports: dict[int, str]) -> list[str]:
+    return [
+        f"port {port} ({label}) is already in use - stop what listens there "
+        f"(see `ss -ltnp 'sport = :{port}'`) or choose another port (--help)"
+        for port, label in ports.items()
+        if not port_is_free(port)
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    sim_ports = [args.first_sim_port + i for i in range(args.backends)]
+    wanted = {p: f"vLLM simulator {i + 1}" for i, p in enumerate(sim_ports)}
+    wanted |= {
+        args.grpc_port: "service gRPC",
+        args.service_admin_port: "service admin",
+        args.envoy_port: "Envoy listener",
+        args.envoy_admin_port: "Envoy admin",
+    }
+    if len(wanted) != args.backends + 4:
+        print("devstack: the chosen ports overlap", file=sys.stderr)
+        return 2
+    busy = _busy_ports(wanted)
+    if busy:
+        for line in busy:
+            print(f"devstack: {line}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if not stop.is_set():
+            stop.set()
+            # During startup there is no wait loop yet: unwind the start itself.
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    stack = Stack(
+        log_dir=args.log_dir,
+        n_backends=args.backends,
+        common_sim_args=args.sim_arg,
+        service_args=args.service_arg,
+        sim_ports=sim_ports,
+        grpc_port=args.grpc_port,
+        service_admin_port=args.service_admin_port,
+        envoy_port=args.envoy_port,
+        envoy_admin_port=args.envoy_admin_port,
+        envoy_concurrency=args.envoy_concurrency,
+    )
+    print(
+        f"devstack: starting {args.backends} simulators, the service and Envoy (logs: {args.log_dir}/) ...",
+        flush=True,
+    )
+    code = 0
+    try:
+        stack.start()
+        body = '{"model": "tiny-llama", "messages": [{"role": "user", "content": "Hello!"}]}'
+        print(
+            f"\nLLM gateway ready: {stack.url}\n"
+            f"  simulators:      {', '.join(stack.sim_urls)}\n"
+            f"  service admin:   {stack.admin_url}   (gRPC {stack.grpc_address})\n"
+            f"  Envoy admin:     {stack.envoy_admin_url}\n"
+            f"  logs:            {args.log_dir}/*.log\n\n"
+            "Try (-i shows the x-routing-strategy / x-routing-reason / x-routed-endpoint headers):\n\n"
+            f"  curl -i {stack.url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'\n\n"
+            "Ctrl-C stops everything.",
+            flush=True,
+        )
+        # Supervise: a child that dies is reported instead of leaving a half-working stack.
+        while not stop.wait(0.5):
+            dead = stack.dead()
+            if dead:
+                for proc in dead:
+                    print(
+                        f"\ndevstack: {proc.name} exited with code {proc.returncode}; last log lines "
+                        f"({proc.log_path}):\n{proc.log_tail(20)}",
+                        file=sys.stderr,
+                    )
+                code = 1
+                break
+    except KeyboardInterrupt:
+        pass
+    except ProcessStartError as exc:
+        print(f"devstack: start failed: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        # Ignore further signals while stopping, so a second Ctrl-C cannot orphan children.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+        print("devstack: stopped.", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

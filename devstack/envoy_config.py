@@ -18,6 +18,7 @@ What changes:
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,9 @@ _HEADER = (
 def load_template(path: Path | None = None) -> dict[str, Any]:
     """Parse envoy.yaml (or ``path``) into plain dicts/lists."""
     text = (path or DEFAULT_TEMPLATE).read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
+    # JSON round trip: YAML anchors (envoy.yaml shares route actions) load as ONE shared dict;
+    # rewriting a copy must not rewrite its siblings.
+    data = json.loads(json.dumps(yaml.safe_load(text)))
     if not isinstance(data, dict):
         raise TypeError(f"{path or DEFAULT_TEMPLATE}: not a YAML mapping")
     return data
@@ -111,6 +114,10 @@ def _direct_listener(ingress: dict[str, Any], port: int) -> dict[str, Any]:
         for route in vhost["routes"]:
             if "route" in route and "cluster" in route["route"]:
                 route["route"]["cluster"] = DIRECT_CLUSTER
+            # No ext_proc filter on this listener: its per-route overrides would be dead config.
+            route.get("typed_per_filter_config", {}).pop(EXT_PROC_FILTER, None)
+            if route.get("typed_per_filter_config") == {}:
+                del route["typed_per_filter_config"]
     return direct
 
 

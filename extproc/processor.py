@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
@@ -38,8 +39,9 @@ _RESPONSE_CACHE_LIMIT = 4096
 
 SESSION_HEADER = "x-session-id"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-# ProcessingMode.BodySendMode values under which Envoy sends the whole body in one message.
-_BUFFERED_MODES = frozenset({1, 3})  # BUFFERED, BUFFERED_PARTIAL
+# Body modes under which Envoy sends the whole body in one message (announced by Envoy in the
+# first message's protocol_config).
+_BUFFERED_MODES = frozenset({ProcessingMode.BUFFERED, ProcessingMode.BUFFERED_PARTIAL})
 
 
 @dataclass(frozen=True, slots=True)

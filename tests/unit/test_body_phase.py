@@ -7,6 +7,7 @@ import random
 import orjson
 import pytest
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.observability import Metrics
@@ -17,7 +18,7 @@ from extproc.strategies import FALLBACKS, Weights
 
 from .helpers import registry, scrape_ok, vm
 
-BUFFERED = 1
+BUFFERED = ProcessingMode.BUFFERED
 
 
 def headers_req(path="/v1/chat/completions", end_of_stream=False, body_mode=BUFFERED, **headers):

@@ -17,6 +17,7 @@ from extproc.grpc_server import build_server, set_serving
 from extproc.observability import Metrics
 from extproc.prefix_index import PrefixIndex
 from extproc.processor import Processor
+from extproc.route_settings import RouteSettings, parse_weights
 from extproc.scraper import Scraper
 from extproc.strategies import FALLBACKS
 
@@ -61,6 +62,11 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         expose_routing_headers=settings.expose_routing_headers,
         prefix_index=prefix_index,
         max_body_bytes=settings.max_body_bytes,
+        default_route=RouteSettings(
+            weights=parse_weights(settings.weights),
+            prefix_guard_abs=settings.prefix_guard_abs,
+            prefix_guard_rel=settings.prefix_guard_rel,
+        ),
         rng=random.Random(),
     )
     server, health_servicer = build_server(processor, registry, settings.grpc_address)

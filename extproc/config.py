@@ -45,6 +45,15 @@ class Settings(BaseSettings):
     models_interval: float = Field(
         5.0, gt=0, description="Seconds between GET /v1/models per backend (model pools and LoRA adapters)."
     )
+    weights: str = Field(
+        "queue=2,kv=2,prefix=3,lora=1",
+        description="Weights of the 'weighted' strategy (a route's x-extproc-weights overrides them).",
+    )
+    prefix_guard_abs: float = Field(
+        8.0, ge=0, description="prefix-cache load guard: leave the best match when its load exceeds the least "
+        "loaded server's by more than this many requests AND by --prefix-guard-rel times.",
+    )
+    prefix_guard_rel: float = Field(1.5, ge=1.0, description="prefix-cache load guard factor (see --prefix-guard-abs).")
     expose_routing_headers: bool = Field(
         True, description="Emit the 'extproc' metadata that Envoy turns into x-routing-* response headers."
     )
@@ -62,6 +71,14 @@ class Settings(BaseSettings):
     def _known_strategy(cls, v: str) -> str:
         if v not in STRATEGIES:
             raise ValueError(f"unknown strategy {v!r}; valid: {', '.join(STRATEGIES)}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        from extproc.route_settings import parse_weights
+
+        parse_weights(v)
         return v
 
     @model_validator(mode="after")

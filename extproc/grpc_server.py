@@ -31,7 +31,7 @@ class ExtProcHandler:
     def __init__(self, processor: Processor, registry: BackendRegistry) -> None:
         self.processor = processor
         self.registry = registry
-        self.route_settings = RouteSettingsCache()
+        self.route_settings = RouteSettingsCache(processor.default_route)
 
     async def process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         tokens: list[PickToken] = []

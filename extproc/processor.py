@@ -154,6 +154,7 @@ class Processor:
         expose_routing_headers: bool = True,
         prefix_index: PrefixIndex | None = None,
         max_body_bytes: int = 4 * 1024 * 1024,
+        default_route: RouteSettings = DEFAULT_ROUTE,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -164,13 +165,15 @@ class Processor:
         self.expose = expose_routing_headers
         self.prefix_index = prefix_index or PrefixIndex()
         self.max_body_bytes = max_body_bytes
+        # Service-wide weights / guards; a route's metadata overrides them field by field.
+        self.default_route = default_route
         self.rng = rng or random.Random()
         self._clock = clock
         self._seq = 0
         self._responses: dict[tuple[str, str, str, str], bytes] = {}
 
     def handle(self, req: ep.ProcessingRequest, state: StreamState | None = None) -> Outcome:
-        state = state if state is not None else StreamState()
+        state = state if state is not None else StreamState(route=self.default_route)
         kind = req.WhichOneof("request")
         if kind == "request_headers":
             if req.HasField("protocol_config"):

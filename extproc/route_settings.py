@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from extproc.strategies import STRATEGIES, Weights
 
@@ -32,7 +32,7 @@ class RouteSettings:
     strategy: str | None = None
     allow_client_strategy: bool = True
     weights: Weights = Weights()
-    prefix_guard_abs: float = 4.0
+    prefix_guard_abs: float = 8.0
     prefix_guard_rel: float = 1.5
 
 
@@ -54,10 +54,23 @@ def _pairs(value: str) -> dict[str, float]:
     return out
 
 
-def parse_route_settings(metadata: Iterable[tuple[str, str | bytes]]) -> RouteSettings:
+def parse_weights(value: str) -> Weights:
+    """``queue=2,kv=2,prefix=3,lora=1`` (missing keys keep their defaults); ValueError if bad."""
+    pairs = _pairs(value)
+    known = {f.name for f in fields(Weights)}
+    unknown = set(pairs) - known
+    if unknown:
+        raise ValueError(f"unknown weight(s) {sorted(unknown)}; known: {sorted(known)}")
+    return Weights(**pairs)
+
+
+def parse_route_settings(
+    metadata: Iterable[tuple[str, str | bytes]], base: RouteSettings = DEFAULT
+) -> RouteSettings:
+    """Route metadata on top of ``base`` (the service-wide defaults)."""
     values = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in metadata if k.startswith(PREFIX)}
     if not values:
-        return DEFAULT
+        return base
     kw: dict[str, object] = {}
     strategy = values.get(PREFIX + "strategy")
     if strategy is not None:
@@ -71,12 +84,7 @@ def parse_route_settings(metadata: Iterable[tuple[str, str | bytes]]) -> RouteSe
     weights = values.get(PREFIX + "weights")
     if weights is not None:
         try:
-            pairs = _pairs(weights)
-            known = {f.name for f in fields(Weights)}
-            unknown = set(pairs) - known
-            if unknown:
-                raise ValueError(f"unknown weight(s) {sorted(unknown)}; known: {sorted(known)}")
-            kw["weights"] = Weights(**pairs)
+            kw["weights"] = parse_weights(weights)
         except ValueError as exc:
             log.warning("ignoring route weights %r: %s", weights, exc)
     guard = values.get(PREFIX + "prefix-guard")
@@ -89,25 +97,26 @@ def parse_route_settings(metadata: Iterable[tuple[str, str | bytes]]) -> RouteSe
                 kw["prefix_guard_rel"] = pairs["rel"]
         except ValueError as exc:
             log.warning("ignoring route prefix guard %r: %s", guard, exc)
-    return RouteSettings(**kw)  # type: ignore[arg-type]
+    return replace(base, **kw)  # type: ignore[arg-type]
 
 
 class RouteSettingsCache:
     """Envoy sends the same few metadata sets again and again: parse each once."""
 
-    def __init__(self, limit: int = 1024) -> None:
+    def __init__(self, base: RouteSettings = DEFAULT, limit: int = 1024) -> None:
+        self.base = base
         self._cache: dict[tuple[tuple[str, str | bytes], ...], RouteSettings] = {}
         self._limit = limit
 
     def get(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> RouteSettings:
         if not metadata:
-            return DEFAULT
+            return self.base
         key = tuple((k, v) for k, v in metadata if k.startswith(PREFIX))
         if not key:
-            return DEFAULT
+            return self.base
         found = self._cache.get(key)
         if found is None:
             if len(self._cache) >= self._limit:
                 self._cache.clear()
-            found = self._cache[key] = parse_route_settings(key)
+            found = self._cache[key] = parse_route_settings(key, self.base)
         return found

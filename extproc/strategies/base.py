@@ -44,7 +44,7 @@ class RequestFacts:
     weights: Weights = Weights()
     # Load guard of prefix-cache: leave the best-matching server once its load exceeds the
     # least loaded candidate's by more than this many requests AND by this factor.
-    prefix_guard_abs: float = 4.0
+    prefix_guard_abs: float = 8.0
     prefix_guard_rel: float = 1.5
     prompt_hashes: tuple[int, ...] = ()  # chained block hashes of the prompt (prefix index keys)
 

@@ -101,13 +101,13 @@ async def test_repeated_prefix_sticks_until_the_load_guard(stack):
         home = picks[0][0]
         assert {p for p, _ in picks} == {home}
         assert all(reason == "prefix-hit" for _, reason in picks[1:]), picks
-        # Load the home server directly (not through the gateway) past the guard (> 4 + 1.5x).
+        # Load the home server directly (not through the gateway) past the default guard (> 8 and 1.5x).
         home_url = s.sim_urls[s.sim_endpoints.index(home)]
         hold = [asyncio.create_task(post(http, home_url, chat_body(max_tokens=3000, ignore_eos=True), timeout=120))
-                for _ in range(8)]
+                for _ in range(12)]
         try:
             async def loaded() -> bool:
-                return (await backend_view(http, s.admin_url, home))["running"] >= 8
+                return (await backend_view(http, s.admin_url, home))["running"] >= 12
 
             await eventually(loaded)
             r = await post(http, s.url, chat_body(SYSTEM + " Question 99?", max_tokens=2))

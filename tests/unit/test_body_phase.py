@@ -13,7 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from extproc.observability import Metrics
 from extproc.openai_request import RequestError, parse_request
 from extproc.processor import Processor, StreamState
-from extproc.route_settings import RouteSettingsCache, parse_route_settings
+from extproc.route_settings import RouteSettings, RouteSettingsCache, parse_route_settings
 from extproc.strategies import FALLBACKS, Weights
 
 from .helpers import registry, scrape_ok, vm
@@ -175,6 +175,8 @@ def test_route_settings_parsing_and_bad_values_ignored():
     ])
     assert s.weights == Weights(queue=1, kv=2, prefix=5, lora=1)
     assert (s.prefix_guard_abs, s.prefix_guard_rel) == (8, 2)
+    base = RouteSettings(prefix_guard_abs=2.0)
+    assert parse_route_settings([("x-extproc-weights", "kv=1")], base).prefix_guard_abs == 2.0  # service default kept
     bad = parse_route_settings([("x-extproc-weights", "queue=-1"), ("x-extproc-strategy", "nope")])
     assert bad.weights == Weights() and bad.strategy is None
     cache = RouteSettingsCache()

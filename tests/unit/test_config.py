@@ -60,3 +60,10 @@ def test_unreadable_config_file(tmp_path):
 def test_cli_exits_2_with_message_on_bad_settings(capsys):
     assert main(["serve", "--strategy", "nope"]) == 2
     assert "unknown strategy" in capsys.readouterr().err
+
+
+def test_weights_and_guard_flags_are_validated():
+    s = load_settings({"weights": "prefix=5", "prefix_guard_abs": 16.0})
+    assert (s.weights, s.prefix_guard_abs, s.prefix_guard_rel) == ("prefix=5", 16.0, 1.5)
+    with pytest.raises(ConfigError, match="weights"):
+        load_settings({"weights": "speed=3"})

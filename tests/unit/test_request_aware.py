@@ -79,6 +79,7 @@ def test_lora_prefers_running_or_free_slot_over_a_full_server():
 
 def prefix_facts(index: PrefixIndex, text: str, **kw) -> RequestFacts:
     hashes = index.hashes("m", text)
+    kw.setdefault("prefix_guard_abs", 4.0)
     return RequestFacts(has_prompt=True, prefix_match=lambda ep: index.match_fraction(ep, hashes), **kw)
 
 

@@ -7,7 +7,7 @@ envoy.yaml sets them per route with ``ExtProcPerRoute.overrides.grpc_initial_met
 | ``x-extproc-strategy`` | a strategy name | this route's strategy (beats the client header and the service default) |
 | ``x-extproc-allow-client-strategy`` | ``true`` / ``false`` | whether clients may pick with ``x-routing-strategy`` here (default true) |
 | ``x-extproc-weights`` | ``queue=2,kv=2,prefix=3,lora=1`` | weights of the ``weighted`` strategy (missing keys keep defaults) |
-| ``x-extproc-prefix-guard`` | ``abs=4,rel=1.5`` | load guard of ``prefix-cache`` |
+| ``x-extproc-prefix-guard`` | ``abs=8,rel=1.5`` | load guard of ``prefix-cache`` |
 
 Precedence: route setting > client header (unless the route forbids it) > service default.
 A bad value is logged once and ignored (the route then behaves as if it were absent):

@@ -82,8 +82,9 @@ def test_words_are_single_tokens_for_the_simulator():
 
 
 def test_shared_prefix_groups_share_exactly_their_system_prompt():
-    wl = shared_prefix(400, seed=2, num_groups=8, system_prompt_len=256, question_len=20,
-                       output_len=10)
+    wl = shared_prefix(
+        400, seed=2, num_groups=8, system_prompt_len=256, question_len=20, output_len=10
+    )
     assert len(wl.systems) == 8 and len(set(wl.systems)) == 8
     assert {r.group for r in wl.requests} == set(range(8))  # every group is used
     for r in wl.requests:
@@ -204,17 +205,32 @@ def test_percentile_matches_numpy():
             assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), rel=1e-12)
 
 
-def _res(i, *, ok=True, ttft=0.1, e2e=1.0, itls=(0.01, 0.02), out=3, backend="sim0",
-         error=None, sent=0.0):
-    return RequestResult(id=i, scheduled=sent, sent=sent, ok=ok, status=200 if ok else 500,
-                         error=error, ttft=ttft if ok else None, e2e=e2e if ok else None,
-                         itls=list(itls), chunks=out, output_tokens=out,
-                         expected_output_tokens=out, backend=backend)
+def _res(
+    i, *, ok=True, ttft=0.1, e2e=1.0, itls=(0.01, 0.02), out=3, backend="sim0", error=None, sent=0.0
+):
+    return RequestResult(
+        id=i,
+        scheduled=sent,
+        sent=sent,
+        ok=ok,
+        status=200 if ok else 500,
+        error=error,
+        ttft=ttft if ok else None,
+        e2e=e2e if ok else None,
+        itls=list(itls),
+        chunks=out,
+        output_tokens=out,
+        expected_output_tokens=out,
+        backend=backend,
+    )
 
 
 def test_summarize_converts_wall_to_simulated_time():
-    rs = [_res(0, ttft=0.1, e2e=1.0, backend="sim0"), _res(1, ttft=0.3, e2e=2.0, backend="sim1"),
-          _res(2, ok=False, error="http 500: boom")]
+    rs = [
+        _res(0, ttft=0.1, e2e=1.0, backend="sim0"),
+        _res(1, ttft=0.3, e2e=2.0, backend="sim1"),
+        _res(2, ok=False, error="http 500: boom"),
+    ]
     s = summarize(rs, wall_s=10.0, time_scale=0.5, pods=["sim0", "sim1", "sim2"])
     assert s["requests"] == 3 and s["completed"] == 2 and s["errors"] == 1
     assert s["error_kinds"] == {"http 500": 1}
@@ -238,7 +254,9 @@ def test_summarize_of_nothing_is_nan_not_an_exception():
 
 def test_saturated_throughput_counts_completions_while_backlogged():
     # 100 requests, one completion every 0.1 s from t=1 on; the last one is sent at t=8.
-    rs = [_res(i, sent=min(i * 0.1, 8.0), e2e=1.0 + i * 0.1 - min(i * 0.1, 8.0)) for i in range(100)]
+    rs = [
+        _res(i, sent=min(i * 0.1, 8.0), e2e=1.0 + i * 0.1 - min(i * 0.1, 8.0)) for i in range(100)
+    ]
     rps, tps = saturated_throughput(rs, concurrency=10)
     assert rps == pytest.approx(10.0, rel=0.05)
     assert tps == pytest.approx(30.0, rel=0.05)
@@ -255,12 +273,14 @@ def _events(chunks):
 
 
 def test_sse_events_split_anywhere_give_the_same_payloads():
-    stream = (b'data: {"a":1}\n\n'
-              b'data: {"b":2}\r\n\r\n'
-              b': keep-alive comment\n\n'
-              b'event: message\ndata: {"c":\n'
-              b'data: 3}\n\n'
-              b'data: [DONE]\n\n')
+    stream = (
+        b'data: {"a":1}\n\n'
+        b'data: {"b":2}\r\n\r\n'
+        b": keep-alive comment\n\n"
+        b'event: message\ndata: {"c":\n'
+        b"data: 3}\n\n"
+        b"data: [DONE]\n\n"
+    )
     expected = [b'{"a":1}', b'{"b":2}', b'{"c":\n3}', b"[DONE]"]
     assert _events([stream]) == expected
     for cut in range(1, len(stream)):
@@ -322,8 +342,13 @@ def test_error_object_and_garbage_in_the_stream_are_reported():
 def test_envoy_round_robin_config_drops_ext_proc_and_balances_round_robin():
     from bench.routers import envoy_round_robin_config
 
-    cfg = yaml.safe_load(envoy_round_robin_config(
-        listener_port=10001, admin_port=10002, backends=[("127.0.0.1", 8001), ("127.0.0.1", 8002)]))
+    cfg = yaml.safe_load(
+        envoy_round_robin_config(
+            listener_port=10001,
+            admin_port=10002,
+            backends=[("127.0.0.1", 8001), ("127.0.0.1", 8002)],
+        )
+    )
     res = cfg["static_resources"]
     text = yaml.safe_dump(cfg)
     assert "ext_proc" not in text.replace("ext_proc_stream_close", "")
@@ -333,5 +358,7 @@ def test_envoy_round_robin_config_drops_ext_proc_and_balances_round_robin():
     assert names == ["envoy.load_balancing_policies.round_robin"]
     eps = vllm["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in eps] == [8001, 8002]
-    assert res["listeners"][0]["address"]["socket_address"] == {"address": "127.0.0.1",
-                                                                "port_value": 10001}
+    assert res["listeners"][0]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 10001,
+    }

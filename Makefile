@@ -26,10 +26,16 @@ bench-parse: $(STAMP)
 bench-decision: $(STAMP)
 	$(PY) bench/bench_decision.py
 
-bench-overhead: $(STAMP)
-	$(PY) bench/bench_overhead.py
+BENCH_STAMP := $(VENV)/.installed-bench
 
-bench-routing: $(STAMP)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench-overhead: $(BENCH_STAMP)
+	$(PY) bench/bench_overhead.py $(ARGS)
+
+bench-routing: $(BENCH_STAMP)
 	$(PY) bench/bench_routing.py $(ARGS)
 
 clean:

@@ -133,8 +133,11 @@ class BackendRegistry:
         record.failures = 0
         record.timeouts = 0
         record.last_error = ""
-        # Requests picked before this scrape started are now part of running/waiting.
-        for g in [g for g in record.open_by_generation if g < started_generation]:
+        # Requests picked before the PREVIOUS scrape started are now part of running/waiting.
+        # Not "before this scrape": a request picked just before the scrape began may still be
+        # in Envoy (buffering its body, connecting) and not yet in vLLM's numbers. Counting it
+        # once more for one interval is safer than forgetting it (that herds requests).
+        for g in [g for g in record.open_by_generation if g < started_generation - 1]:
             record.pending -= record.open_by_generation.pop(g)
         self._sync_pending(record)
         self._update_windows(record, now, metrics)

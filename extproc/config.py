@@ -26,7 +26,7 @@ class Settings(BaseSettings):
         description="NAME:PORT resolved to all its addresses, re-resolved every --dns-refresh seconds (repeatable).",
     )
     dns_refresh: float = Field(5.0, gt=0, description="Seconds between DNS re-resolutions for --backends-dns.")
-    strategy: str = Field("least-request", description="Default routing strategy.")
+    strategy: str = Field("weighted", description="Default routing strategy.")
     fallback: Literal["random", "round-robin"] = Field(
         "random", description="Load-blind strategy used when metrics are missing (cold cache) or a strategy fails."
     )

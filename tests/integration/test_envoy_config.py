@@ -779,7 +779,7 @@ async def test_real_stack_routes_through_the_service(stack: Callable[..., Stack]
                 assert resp.status == 200, text
                 routed = resp.headers["x-routed-endpoint"]
                 assert routed in s.sim_endpoints
-                assert resp.headers["x-routing-strategy"] == "least-request"
+                assert resp.headers["x-routing-strategy"] == "weighted"
                 assert resp.headers["x-routing-reason"] in {"metrics", "cold-cache"}
                 if "x-inference-pod" in resp.headers:  # the simulator names itself
                     assert resp.headers["x-inference-pod"] == routed

@@ -27,7 +27,7 @@ async def test_request_succeeds_and_lands_where_reported(stack):
         assert r.json()["choices"][0]["message"]["content"]
         assert r.endpoint in s.sim_endpoints
         assert r.pod == r.endpoint  # Envoy really sent it where the service said
-        assert r.headers["x-routing-strategy"] == "least-request"
+        assert r.headers["x-routing-strategy"] == "weighted"
 
 
 async def test_least_request_avoids_the_busy_backend(stack):
@@ -251,7 +251,7 @@ async def test_service_metrics_report_decisions(stack):
             await post(http, s.url)
         async with http.get(s.admin_url + "/metrics") as m:
             text = await m.text()
-        assert 'extproc_decisions_total{reason="metrics",strategy="least-request"}' in text
+        assert 'extproc_decisions_total{reason="metrics",strategy="weighted"}' in text
         assert "extproc_backend_healthy" in text and "extproc_scrapes_total" in text
         data = await get_json(http, s.admin_url + "/backends")
         assert len(data["backends"]) == 2 and not data["cold"]

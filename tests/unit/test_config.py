@@ -11,7 +11,7 @@ from extproc.config import ConfigError, load_settings
 def test_defaults():
     s = load_settings({})
     assert (s.grpc_address, s.admin_address, s.strategy, s.fallback) == (
-        "127.0.0.1:9002", "127.0.0.1:9090", "least-request", "random",
+        "127.0.0.1:9002", "127.0.0.1:9090", "weighted", "random",
     )
     assert (s.scrape_interval, s.stale_after, s.max_metrics_age) == (0.1, 1.0, 10.0)
 

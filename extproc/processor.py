@@ -1,7 +1,7 @@
 """Sans-I/O ext_proc logic: ProcessingRequest in, serialized ProcessingResponse out.
 
 No sockets, no timers: the gRPC shell in :mod:`extproc.grpc_server` only moves messages.
-Responses are cached as serialized bytes per (endpoint, strategy, reason): the common case
+Responses are cached as serialized bytes per (phase, endpoint, strategy, reason): the common case
 then costs one dict lookup instead of building and encoding a protobuf message.
 """
 
@@ -204,6 +204,8 @@ class Processor:
         headers = state.headers or {}
         path = route_path(headers.get(":path", ""))
         try:
+            if not msg.end_of_stream:  # BUFFERED_PARTIAL cut the body at Envoy's buffer limit
+                raise RequestError(413, "Request body exceeds the gateway's buffer limit.", code="request_too_large")
             parsed = parse_request(path, msg.body, max_bytes=self.max_body_bytes)
         except RequestError as err:
             self.metrics.rejected(err.code or f"http-{err.status}")

@@ -182,3 +182,13 @@ def test_route_settings_parsing_and_bad_values_ignored():
     cache = RouteSettingsCache()
     md = (("x-extproc-strategy", "session"),)
     assert cache.get(md) is cache.get(md)
+
+
+def test_partial_body_is_413():
+    proc, _ = make()
+    state = StreamState()
+    proc.handle(headers_req(body_mode=ProcessingMode.BUFFERED_PARTIAL), state)
+    partial = ep.ProcessingRequest(request_body=ep.HttpBody(body=b'{"model": "A", "mess', end_of_stream=False))
+    resp = ep.ProcessingResponse.FromString(proc.handle(partial, state).response)
+    assert resp.immediate_response.status.code == 413
+    assert orjson.loads(resp.immediate_response.body)["error"]["code"] == "request_too_large"

@@ -46,14 +46,17 @@ class Weighted:
         span = hi - lo
         # Each scorer as one comprehension (fast for large pools); negated so that
         # pick_min picks the highest score.
+        # Constant terms (w.queue·1, w.kv·1) do not change the ranking and are left out:
+        # -(queue score) = wq·(load - lo) - w.queue, -(kv score) = w.kv·usage - w.kv.
         wq = w.queue / span if span > 0 else 0.0
-        neg_scores = [wq * (x - lo) - w.queue - w.kv * (1.0 - min(max(b.kv_cache_usage, 0.0), 1.0))
-                      for b, x in zip(candidates, loads)]
+        wkv = w.kv
+        neg_scores = [wq * (x - lo) + wkv * b.kv_cache_usage for b, x in zip(candidates, loads)]
         if facts.has_prompt and w.prefix:
             match = facts.prefix_match
             neg_scores = [s - w.prefix * match(b.endpoint) for s, b in zip(neg_scores, candidates)]
-        if w.lora:
-            model = facts.model
+        model = facts.model
+        # For base-model requests every server scores 1 (a constant): skip the pass.
+        if w.lora and model is not None and any(model in b.adapters for b in candidates):
             neg_scores = [s - w.lora * lora_score(model, b) for s, b in zip(neg_scores, candidates)]
         chosen = pick_min(candidates, neg_scores, rng)
         return chosen, ("metrics" if snap.everyone.eligible_known else "cold-cache")

@@ -9,7 +9,7 @@ Everything runs on loopback, as real processes:
   bench/overhead_backend.py): a canned chat completion, and ``/metrics`` = a real vLLM capture so
   the service's scraper parses real data every 100 ms. The backend costs microseconds, so the
   numbers measure routing, not inference;
-* our service (``python -m extproc serve``, default strategy least-request) with both backends;
+* our service (``python -m extproc serve``, the service default strategy, weighted) with both backends;
 * a BARE grpc.aio ext_proc processor (answers every request with one pre-serialized header
   mutation, nothing else) as the same-invocation floor of any grpc.aio service;
 * ONE front Envoy rendered from envoy/envoy.yaml (devstack.render_local_config) with three
@@ -431,7 +431,7 @@ CONTENDERS = [
     Contender("direct", "Envoy direct (no ext_proc)", "direct", stat_prefix="ingress_direct"),
     Contender(
         "service",
-        "our service (least-request)",
+        "our service (default: weighted)",
         "ingress",
         stat_prefix="ingress_http",
         processor="service",

@@ -5,7 +5,8 @@ Order of rules (each gives the ``reason`` reported to Envoy and in metrics):
 2. a model was requested         -> only servers of that model (model pools); a model that no
    known server serves and no unknown server could serve -> :class:`UnknownModel` (404).
    A LoRA adapter prefers servers running it or with a free adapter slot.
-3. every candidate unhealthy     -> all of them, reason ``all-unhealthy``
+3. every candidate unhealthy     -> all of them, reason ``all-unhealthy`` (``cold-cache`` if none
+   of them has metrics yet)
 4. a load-aware strategy and no candidate has metrics -> fallback, reason ``cold-cache``
 5. otherwise the strategy ranks the candidates: reason ``metrics`` (or its own finer reason)
 6. the strategy raised           -> fallback, reason ``fallback-error`` (never a dropped request)
@@ -85,7 +86,9 @@ def decide(
         backend, reason = chosen
     else:
         backend, reason = chosen, ("metrics" if strategy.needs_metrics else strategy.name)
-    if pool.all_unhealthy:
+    if pool.all_unhealthy and pool.eligible_known:
+        # Only when something is known: a cold pool whose scrapes all fail (every vLLM still
+        # loading) is a cold cache, not an outage.
         reason = "all-unhealthy"
     return Decision(backend, strategy.name, reason)
 

@@ -45,6 +45,15 @@ def test_cold_cache_even_when_every_scrape_fails():
     assert d.reason == "cold-cache"
 
 
+@pytest.mark.parametrize("name", ["least-request", "weighted"])
+def test_cold_and_failing_is_cold_cache_not_all_unhealthy(name):
+    reg, _ = registry(2)
+    for i in range(2):
+        fail(reg, i, times=5)  # every vLLM still loading: /metrics answers 503
+    reg.rebuild()
+    assert pick(reg, STRATEGIES[name]).reason == "cold-cache"
+
+
 def test_first_good_scrape_leaves_cold_immediately():
     reg, _ = registry(2)
     scrape_ok(reg, 0, vm(running=1))  # rebuilds by itself: an unknown -> known transition

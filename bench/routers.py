@@ -123,7 +123,7 @@ def _bounded(argv: list[str], lifetime: float) -> list[str]:
 
 def vllm_router_available() -> str | None:
     """None if usable, else why not."""
-    exe = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
+    exe = _vllm_router_exe()
     if not Path(exe).exists():
         return "vllm-router not installed (pip install vllm-router)"
     return None
@@ -139,6 +139,43 @@ def _ready(port: int) -> Any:
     return lambda: http_get(f"http://127.0.0.1:{port}/health", timeout=1.0)[0] == 200
 
 
+def _vllm_router_exe() -> str:
+    return shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
+
+
+def _start_rust_router(
+    name: str,
+    command: Sequence[str],
+    log_level: str,
+    *,
+    port: int,
+    prometheus_port: int,
+    worker_urls: Sequence[str],
+    policy: str,
+    log_dir: Path,
+    timeout: float,
+    lifetime: float,
+) -> Proc:
+    """Both Rust routers take the same flags (only the log-level spelling differs); ready when
+    their /health answers 200 (they wait for every worker's /health first)."""
+    argv = [
+        *command,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--policy", policy,
+        "--worker-urls", *worker_urls,
+        "--prometheus-port", str(prometheus_port),
+        "--prometheus-host", "127.0.0.1",
+        "--worker-startup-check-interval", "1",
+        "--worker-startup-timeout-secs", "30",
+        "--log-level", log_level,
+    ]  # fmt: skip
+    proc = Proc(f"{name}-{policy}", _bounded(argv, lifetime), log_dir=log_dir)
+    proc.ready_check = _ready(port)
+    proc.ready_what = f"{name} on :{port} (GET /health == 200)"
+    return proc.wait_ready(timeout)
+
+
 def start_vllm_router(
     *,
     port: int,
@@ -149,34 +186,11 @@ def start_vllm_router(
     timeout: float = 60.0,
     lifetime: float = MAX_LIFETIME_S,
 ) -> Proc:
-    """``vllm-router`` on 127.0.0.1:port; ready when its /health answers 200 (it waits for every
-    worker's /health first)."""
-    exe = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
-    argv = [
-        exe,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--policy",
-        policy,
-        "--worker-urls",
-        *worker_urls,
-        "--prometheus-port",
-        str(prometheus_port),
-        "--prometheus-host",
-        "127.0.0.1",
-        "--worker-startup-check-interval",
-        "1",
-        "--worker-startup-timeout-secs",
-        "30",
-        "--log-level",
-        "warning",
-    ]
-    proc = Proc(f"vllm-router-{policy}", _bounded(argv, lifetime), log_dir=log_dir)
-    proc.ready_check = _ready(port)
-    proc.ready_what = f"vllm-router on :{port} (GET /health == 200)"
-    return proc.wait_ready(timeout)
+    """``vllm-router`` on 127.0.0.1:port."""
+    return _start_rust_router(
+        "vllm-router", [_vllm_router_exe()], "warning", port=port, prometheus_port=prometheus_port,
+        worker_urls=worker_urls, policy=policy, log_dir=log_dir, timeout=timeout, lifetime=lifetime,
+    )
 
 
 def start_sglang_router(
@@ -189,34 +203,12 @@ def start_sglang_router(
     timeout: float = 60.0,
     lifetime: float = MAX_LIFETIME_S,
 ) -> Proc:
-    """``python -m sglang_router.launch_router`` on 127.0.0.1:port; ready on /health == 200."""
-    argv = [
-        sys.executable,
-        "-m",
-        "sglang_router.launch_router",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--policy",
-        policy,
-        "--worker-urls",
-        *worker_urls,
-        "--prometheus-port",
-        str(prometheus_port),
-        "--prometheus-host",
-        "127.0.0.1",
-        "--worker-startup-check-interval",
-        "1",
-        "--worker-startup-timeout-secs",
-        "30",
-        "--log-level",
-        "warn",
-    ]
-    proc = Proc(f"sglang-router-{policy}", _bounded(argv, lifetime), log_dir=log_dir)
-    proc.ready_check = _ready(port)
-    proc.ready_what = f"sglang-router on :{port} (GET /health == 200)"
-    return proc.wait_ready(timeout)
+    """``python -m sglang_router.launch_router`` on 127.0.0.1:port."""
+    return _start_rust_router(
+        "sglang-router", [sys.executable, "-m", "sglang_router.launch_router"], "warn", port=port,
+        prometheus_port=prometheus_port, worker_urls=worker_urls, policy=policy, log_dir=log_dir,
+        timeout=timeout, lifetime=lifetime,
+    )
 
 
 def router_versions() -> dict[str, str]:

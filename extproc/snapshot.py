@@ -104,12 +104,3 @@ class Snapshot:
     def cold(self) -> bool:
         """No eligible backend has usable metrics: load-aware strategies cannot decide."""
         return not self.everyone.eligible_known
-
-    def pending_of(self, index: int) -> int:
-        return self.pending[index] if index < len(self.pending) else 0
-
-    def by_endpoint(self, endpoint: str) -> BackendView | None:
-        for b in self.backends:
-            if b.endpoint == endpoint:
-                return b
-        return None

@@ -64,13 +64,8 @@ class Strategy(Protocol):
     ) -> Choice: ...
 
 
-def request_load(b: BackendView, snap: Snapshot) -> float:
-    """running + waiting + sent-since-last-scrape: the load measure most strategies share."""
-    return b.running + b.waiting + snap.pending_of(b.index)
-
-
 def request_loads(candidates: Sequence[BackendView], snap: Snapshot) -> list[float]:
-    """:func:`request_load` for many backends at once."""
+    """running + waiting + sent-since-last-scrape: the load measure most strategies share."""
     p = snap.pending
     n = len(p)
     return [b.running + b.waiting + (p[b.index] if b.index < n else 0) for b in candidates]

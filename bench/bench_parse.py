@@ -47,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def fixtures_dir() -> Path:
     env = os.environ.get("VLLM_FIXTURES_DIR")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "fixtures"
+    return Path(env) if env else REPO_ROOT / "tests" / "fixtures"
 
 
 def time_per_call(fn: Callable[[], object], number: int) -> tuple[float, float]:
@@ -263,7 +263,7 @@ def render_markdown(rows: list[dict[str, Any]], alts: list[dict[str, Any]],
         "`make bench-parse` (`python bench/bench_parse.py`): per-parse time of "
         "`extproc.metrics_parser.parse_vllm_metrics` against `prometheus_client.parser."
         "text_string_to_metric_families` (consumed fully) on the real vLLM 0.32 captures in "
-        "`shared/fixtures/`. Median of "
+        "`tests/fixtures/`. Median of "
         f"{args.repeats} repeats of {args.number} parses (prometheus_client: "
         f"{args.baseline_number}), shown as median (min); both measured interleaved in one "
         "process, ratios from the medians. Budget "

@@ -63,9 +63,9 @@ CHAT_COMPLETION: dict[str, Any] = {
 
 
 def fixtures_dir() -> Path:
-    """Real vLLM captures: $VLLM_FIXTURES_DIR, else ../shared/fixtures next to the repo root."""
+    """Real vLLM captures kept in the repo ($VLLM_FIXTURES_DIR overrides)."""
     env = os.environ.get("VLLM_FIXTURES_DIR")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "fixtures"
+    return Path(env) if env else REPO_ROOT / "tests" / "fixtures"
 
 
 def metrics_fixture() -> Path:

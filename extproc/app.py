@@ -1,4 +1,11 @@
-"""Wires the parts together and runs until SIGINT/SIGTERM."""
+"""Wires the parts together and runs until told to stop.
+
+Shutdown (docs/reliability.md):
+* SIGTERM drains: gRPC health turns NOT_SERVING at once, ext_proc keeps answering for
+  ``--drain-seconds`` (Envoy's health check moves new streams to another replica meanwhile),
+  then the server stops accepting and open streams get ``--stop-grace`` to finish.
+* SIGINT (Ctrl-C) or a second SIGTERM stops without the drain.
+"""
 
 from __future__ import annotations
 
@@ -24,12 +31,47 @@ from extproc.strategies import FALLBACKS
 log = logging.getLogger("extproc")
 
 
+class Health:
+    """SERVING only while the service is up, not draining, and knows at least one backend."""
+
+    def __init__(self, set_status: object, metrics: Metrics) -> None:
+        self._set = set_status
+        self._metrics = metrics
+        self.started = False
+        self.draining = False
+        self.pool_size = 0
+        self._published: bool | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def serving(self) -> bool:
+        return self.started and not self.draining and self.pool_size > 0
+
+    async def publish(self) -> None:
+        async with self._lock:  # keep the order of flips when several are scheduled at once
+            serving = self.serving
+            if serving != self._published:
+                await self._set(serving)  # type: ignore[operator]
+                self._metrics.serving.set(1 if serving else 0)
+                if self._published is not None or not serving:
+                    log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+                self._published = serving
+
+
 async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set (immediate) or SIGTERM arrives (drain first)."""
     stop = stop or asyncio.Event()
+    drain = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+
+    def on_sigterm() -> None:
+        if drain.is_set():
+            stop.set()  # a second SIGTERM: stop now
+        drain.set()
+
+    for sig, handler in ((signal.SIGINT, stop.set), (signal.SIGTERM, on_sigterm)):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
 
@@ -41,19 +83,11 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         metrics,
         interval=settings.scrape_interval,
         timeout=settings.scrape_timeout,
+        connect_timeout=settings.scrape_connect_timeout,
         models_interval=settings.models_interval,
+        max_bytes=settings.max_scrape_bytes,
     )
     prefix_index = PrefixIndex()
-
-    def on_backends(urls: list[str]) -> None:
-        added, removed = registry.set_backends(urls)
-        prefix_index.purge(r.endpoint for r in removed)
-        if added or removed:
-            log.info("backends: +%s -%s (now %d)", [r.endpoint for r in added], [r.endpoint for r in removed], len(urls))
-        scraper.sync()
-
-    static = await normalize_static(settings.backend)
-    discovery = Discovery(static, settings.backends_dns, on_backends, refresh=settings.dns_refresh)
     processor = Processor(
         registry,
         default_strategy=settings.strategy,
@@ -67,14 +101,44 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             prefix_guard_abs=settings.prefix_guard_abs,
             prefix_guard_rel=settings.prefix_guard_rel,
         ),
+        fallback_endpoints=settings.fallback_endpoints,
+        reject_when_empty=settings.empty_pool == "reject",
         rng=random.Random(),
     )
-    server, health_servicer = build_server(processor, registry, settings.grpc_address)
+    server, health_servicer, handler = build_server(processor, registry, settings.grpc_address)
+    health = Health(lambda serving: set_serving(health_servicer, serving), metrics)
+    background: set[asyncio.Task[None]] = set()
+
+    def schedule_health() -> None:
+        task = asyncio.ensure_future(health.publish())
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    def on_backends(urls: list[str]) -> None:
+        added, removed = registry.set_backends(urls)
+        prefix_index.purge(r.endpoint for r in removed)
+        for r in removed:
+            metrics.forget_backend(r.endpoint)
+        if added or removed:
+            log.info("backends: +%s -%s (now %d)", [r.endpoint for r in added], [r.endpoint for r in removed], len(urls))
+        if not urls:
+            log.warning("the backend pool is empty: %s", "answering 503" if settings.empty_pool == "reject"
+                        else "letting Envoy's fallback policy choose")
+        scraper.sync()
+        health.pool_size = len(urls)
+        schedule_health()
+
+    static = await normalize_static(settings.backend, settings.address_family)
+    discovery = Discovery(
+        static, settings.backends_dns, on_backends, refresh=settings.dns_refresh,
+        family=settings.address_family, on_error=metrics.task_error,
+    )
 
     await scraper.start()
     await discovery.start()
     await server.start()
-    await set_serving(health_servicer, True)
+    health.started = True
+    await health.publish()
 
     runner = web.AppRunner(build_admin_app(registry, metrics, settings), access_log=None)
     await runner.setup()
@@ -85,11 +149,31 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         settings.grpc_address, settings.admin_address, settings.strategy, len(registry.records),
     )
     try:
-        await stop.wait()
+        await _first(stop, drain)
+        if drain.is_set() and not stop.is_set():
+            health.draining = True
+            await health.publish()
+            log.info("SIGTERM: draining for %.1f s (%d open streams)", settings.drain_seconds, handler.open_streams)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=settings.drain_seconds)
+            except TimeoutError:
+                pass
     finally:
-        log.info("shutting down")
-        await set_serving(health_servicer, False)
-        await server.stop(grace=2.0)
+        log.info("shutting down (%d open streams, %.1f s grace)", handler.open_streams, settings.stop_grace)
+        health.draining = True
+        await health.publish()
+        await server.stop(grace=settings.stop_grace if drain.is_set() else min(settings.stop_grace, 2.0))
         await runner.cleanup()
         await discovery.stop()
         await scraper.stop()
+        for task in list(background):
+            task.cancel()
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

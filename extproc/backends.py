@@ -16,10 +16,14 @@ from urllib.parse import urlsplit
 from extproc.metrics_parser import VllmMetrics
 from extproc.snapshot import BackendView, Freshness, Pool, Snapshot
 
-# Consecutive refused/erroring/unparsable scrapes before a backend is excluded.
+# Consecutive hard failures (HTTP error, unparsable page) before a backend is unhealthy.
 UNHEALTHY_AFTER_FAILURES = 3
 # Consecutive scrape timeouts that mark a backend "overloaded" (slow, not down).
 OVERLOADED_AFTER_TIMEOUTS = 3
+# A backend is *suspect* from its first failed or timed-out scrape until its next good one:
+# excluded while any other backend is eligible, and valued as the busiest (a vLLM whose
+# /metrics stalls is saturated or hung, never idle). Connection refused and connect timeouts
+# are certain: the backend is unhealthy at once.
 # Samples kept for rate/TTFT windows; at a 0.1 s interval this is about 3 s of history.
 HISTORY_SAMPLES = 32
 # Shortest window over which a token rate is trusted (shorter deltas are mostly noise).
@@ -71,6 +75,10 @@ class BackendRecord:
     def overloaded(self) -> bool:
         return self.timeouts >= OVERLOADED_AFTER_TIMEOUTS
 
+    @property
+    def suspect(self) -> bool:
+        return self.failures > 0 or self.timeouts > 0
+
 
 @dataclass(frozen=True, slots=True)
 class PickToken:
@@ -100,8 +108,9 @@ class BackendRegistry:
     def set_backends(self, urls: Iterable[str]) -> tuple[list[BackendRecord], list[BackendRecord]]:
         """Replace the pool; returns (added, removed). Known backends keep their state."""
         wanted = list(dict.fromkeys(urls))
+        keep = set(wanted)
         added = [BackendRecord(url=u, endpoint=endpoint_of(u)) for u in wanted if u not in self._records]
-        removed = [r for u, r in self._records.items() if u not in set(wanted)]
+        removed = [r for u, r in self._records.items() if u not in keep]
         for r in added:
             self._records[r.url] = r
         for r in removed:
@@ -127,7 +136,7 @@ class BackendRegistry:
     def record_success(self, record: BackendRecord, metrics: VllmMetrics, started_generation: int) -> None:
         now = self._clock()
         # Transitions that change eligibility are published at once, not at the next tick.
-        transition = record.last_ok is None or not record.healthy or record.overloaded
+        transition = record.last_ok is None or record.suspect
         record.metrics = metrics
         record.last_ok = now
         record.failures = 0
@@ -144,15 +153,18 @@ class BackendRegistry:
         if transition:
             self.rebuild()  # newcomer, cold start or recovery: visible without waiting a tick
 
-    def record_failure(self, record: BackendRecord, error: str, *, timeout: bool) -> None:
+    def record_failure(self, record: BackendRecord, error: str, *, timeout: bool, down: bool = False) -> None:
+        """``timeout``: no answer in time (slow or hung). ``down``: refused or no connection."""
         record.last_error = error
-        was = (record.healthy, record.overloaded)
+        was = (record.healthy, record.overloaded, record.suspect)
         if timeout:
             record.timeouts += 1
+        elif down:
+            record.failures = max(record.failures + 1, UNHEALTHY_AFTER_FAILURES)
         else:
             record.failures += 1
-        if (record.healthy, record.overloaded) != was:
-            self.rebuild()  # became unhealthy/overloaded: stop routing on the old view now
+        if (record.healthy, record.overloaded, record.suspect) != was:
+            self.rebuild()  # suspect/unhealthy/overloaded: stop routing on the old view now
 
     def record_models(self, record: BackendRecord, ids: frozenset[str], adapters: frozenset[str]) -> None:
         if (ids, adapters) != (record.served_models, record.adapters):
@@ -271,9 +283,14 @@ def build_snapshot(records: list[BackendRecord], now: float, stale_after: float,
         worst[f] = float(max(xs)) if xs else 0.0
     views = []
     for i, (r, (fresh_state, age), v) in enumerate(zip(records, states, values)):
-        prior_src = worst if r.overloaded else median
+        suspect = r.suspect
+        prior_src = worst if suspect else median
         if v is None:
             filled, prior = dict(prior_src), True
+        elif suspect:
+            # Its last numbers may look idle (taken before it stalled): never better than the worst.
+            filled = {f: max(v[f] if v[f] is not None else 0.0, worst[f]) for f in _LOAD_FIELDS}
+            prior = False
         else:
             filled = {f: (v[f] if v[f] is not None else prior_src[f]) for f in _LOAD_FIELDS}
             prior = False
@@ -285,6 +302,7 @@ def build_snapshot(records: list[BackendRecord], now: float, stale_after: float,
                 freshness=fresh_state,
                 healthy=r.healthy,
                 overloaded=r.overloaded,
+                suspect=suspect,
                 age=age,
                 prior=prior,
                 metrics=r.metrics,

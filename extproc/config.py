@@ -26,12 +26,48 @@ class Settings(BaseSettings):
         description="NAME:PORT resolved to all its addresses, re-resolved every --dns-refresh seconds (repeatable).",
     )
     dns_refresh: float = Field(5.0, gt=0, description="Seconds between DNS re-resolutions for --backends-dns.")
+    address_family: Literal["ipv4", "ipv6", "any"] = Field(
+        "ipv4",
+        description="Addresses kept from DNS (--backends-dns, host names in --backend). Match the Envoy "
+        "cluster's dns_lookup_family (V4_ONLY in envoy/envoy.yaml): a pick Envoy does not know is ignored.",
+    )
+    fallback_endpoints: int = Field(
+        3, ge=0, le=16,
+        description="Next-best servers listed after the pick in x-gateway-destination-endpoint (ip:port,ip:port,...); "
+        "Envoy tries them in order when the pick refuses the connection.",
+    )
+    empty_pool: Literal["envoy", "reject"] = Field(
+        "envoy",
+        description="With no backend known: 'envoy' answers without a destination (Envoy's fallback policy "
+        "picks from its own cluster; 503 JSON if that is empty too); 'reject' answers an OpenAI-shaped 503. "
+        "Either way gRPC health is NOT_SERVING while the pool is empty.",
+    )
+    drain_seconds: float = Field(
+        5.0, ge=0,
+        description="On SIGTERM: gRPC health NOT_SERVING at once, keep answering this long (so Envoy's "
+        "health check moves new streams to another replica), then stop accepting.",
+    )
+    stop_grace: float = Field(
+        10.0, ge=0, description="After the drain: seconds open ext_proc streams may take to finish before they are cut.",
+    )
     strategy: str = Field("weighted", description="Default routing strategy.")
     fallback: Literal["random", "round-robin"] = Field(
         "random", description="Load-blind strategy used when metrics are missing (cold cache) or a strategy fails."
     )
     scrape_interval: float = Field(0.1, gt=0, description="Seconds between two /metrics scrapes of one backend.")
-    scrape_timeout: float = Field(0.5, gt=0, description="Per-scrape timeout in seconds (a timeout means 'slow', not 'down').")
+    scrape_timeout: float = Field(
+        0.5, gt=0,
+        description="Per-scrape timeout in seconds. A timeout makes the backend suspect (treated as saturated, "
+        "excluded while another backend is eligible) until a scrape answers again.",
+    )
+    scrape_connect_timeout: float = Field(
+        0.25, gt=0,
+        description="Connect timeout of a scrape (seconds). Not connecting in time, like a refused connection, "
+        "means down: the backend is unhealthy at once.",
+    )
+    max_scrape_bytes: int = Field(
+        4 * 1024 * 1024, gt=0, description="Largest /metrics or /v1/models reply read (bytes); larger is a failed scrape."
+    )
     stale_after: float = Field(1.0, gt=0, description="Metrics older than this (s) are stale: still used, with in-flight added.")
     max_metrics_age: float = Field(
         10.0, gt=0, description="Metrics older than this (s) are unknown: the backend gets a prior instead."

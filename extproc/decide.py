@@ -10,17 +10,24 @@ Order of rules (each gives the ``reason`` reported to Envoy and in metrics):
 4. a load-aware strategy and no candidate has metrics -> fallback, reason ``cold-cache``
 5. otherwise the strategy ranks the candidates: reason ``metrics`` (or its own finer reason)
 6. the strategy raised           -> fallback, reason ``fallback-error`` (never a dropped request)
+
+Eligible means healthy and not *suspect* (last scrape failed or timed out); suspect backends
+are used only when every healthy one is suspect, unhealthy ones only when all are.
+
+Every decision also names up to ``n_fallbacks`` other eligible servers, least loaded first:
+Envoy tries them in order when the pick refuses the connection (endpoint-picker protocol).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from heapq import nsmallest
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from extproc.snapshot import BackendView, Pool, Snapshot
-from extproc.strategies.base import RequestFacts, Strategy
+from extproc.strategies.base import RequestFacts, Strategy, request_loads
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +45,40 @@ class UnknownModel(Exception):
         self.available = tuple(available)
 
 
+# Above this many candidates, fallbacks are ranked among a random sample of them: they are only
+# used when the pick fails, so an O(n) ranking per request at 1,000 backends is not worth it.
+FALLBACK_SAMPLE = 16
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     backend: BackendView
     strategy: str
     reason: str
+    fallbacks: tuple[BackendView, ...] = ()
+
+    @property
+    def endpoints(self) -> str:
+        """``ip:port,ip:port,...``: the pick, then the fallbacks (the routing header's value)."""
+        if not self.fallbacks:
+            return self.backend.endpoint
+        return ",".join([self.backend.endpoint, *(b.endpoint for b in self.fallbacks)])
+
+
+def rank_fallbacks(
+    chosen: BackendView, candidates: Sequence[BackendView], snap: Snapshot, n: int, rng: random.Random
+) -> tuple[BackendView, ...]:
+    """Up to ``n`` candidates other than ``chosen``, least loaded first (ties at random)."""
+    if n <= 0 or len(candidates) < 2:
+        return ()
+    others = [b for b in candidates if b.index != chosen.index]
+    if len(others) > FALLBACK_SAMPLE:
+        others = rng.sample(others, FALLBACK_SAMPLE)
+    else:
+        rng.shuffle(others)  # random order among equal loads (a cold pool is all ties)
+    loads = request_loads(others, snap)
+    best = nsmallest(n, range(len(others)), key=loads.__getitem__)
+    return tuple(others[i] for i in best)
 
 
 def pool_for(facts: RequestFacts, snap: Snapshot) -> Pool:
@@ -65,6 +101,22 @@ def lora_affine(model: str, candidates: tuple[BackendView, ...]) -> tuple[Backen
 
 
 def decide(
+    strategy: Strategy,
+    fallback: Strategy,
+    facts: RequestFacts,
+    snap: Snapshot,
+    rng: random.Random,
+    n_fallbacks: int = 0,
+) -> Decision:
+    decision = _decide(strategy, fallback, facts, snap, rng)
+    if n_fallbacks > 0:
+        pool = pool_for(facts, snap).eligible
+        fallbacks = rank_fallbacks(decision.backend, pool, snap, n_fallbacks, rng)
+        decision = Decision(decision.backend, decision.strategy, decision.reason, fallbacks)
+    return decision
+
+
+def _decide(
     strategy: Strategy, fallback: Strategy, facts: RequestFacts, snap: Snapshot, rng: random.Random
 ) -> Decision:
     if not snap.backends:

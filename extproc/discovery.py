@@ -2,7 +2,8 @@
 
 DNS mode resolves NAME to *all* its addresses (what docker compose replicas and Kubernetes
 headless services give you) and re-resolves periodically; a failed lookup keeps the last
-good set rather than emptying the pool.
+good set rather than emptying the pool. Only addresses of ``--address-family`` are kept: a pick
+must be a host Envoy's cluster knows, and envoy.yaml resolves IPv4 only.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Sequence
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
+
+from extproc.supervise import spawn
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +28,18 @@ def parse_dns_target(target: str) -> tuple[str, int]:
     return name, int(port)
 
 
-async def resolve_all(name: str, port: int) -> list[str]:
+AddressFamily = Literal["ipv4", "ipv6", "any"]
+_FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6, "any": socket.AF_UNSPEC}
+
+
+async def resolve_all(name: str, port: int, family: AddressFamily = "ipv4") -> list[str]:
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    infos = await loop.getaddrinfo(name, port, family=_FAMILIES[family], type=socket.SOCK_STREAM)
     addrs = sorted({str(info[4][0]) for info in infos})
     return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addrs]
 
 
-async def normalize_static(urls: Sequence[str]) -> list[str]:
+async def normalize_static(urls: Sequence[str], family: AddressFamily = "ipv4") -> list[str]:
     """Resolve host names in static URLs to an IP: Envoy matches hosts by ``ip:port``."""
     out = []
     for url in urls:
@@ -43,7 +51,7 @@ async def normalize_static(urls: Sequence[str]) -> list[str]:
             ipaddress.ip_address(host)
             out.append(urlunsplit(parts._replace(path="")).rstrip("/"))
         except ValueError:
-            resolved = await resolve_all(host, port)
+            resolved = await resolve_all(host, port, family)
             if not resolved:
                 raise ValueError(f"cannot resolve backend host {host!r}") from None
             out.append(resolved[0])
@@ -58,11 +66,15 @@ class Discovery:
         on_change: Callable[[list[str]], None],
         *,
         refresh: float = 5.0,
+        family: AddressFamily = "ipv4",
+        on_error: Callable[[str], None] = lambda task: None,
     ) -> None:
         self.static = list(static)
         self.dns_targets = [parse_dns_target(t) for t in dns_targets]
         self.on_change = on_change
         self.refresh = refresh
+        self.family: AddressFamily = family
+        self.on_error = on_error
         self._dns: dict[tuple[str, int], list[str]] = {}
         self._task: asyncio.Task[None] | None = None
         self._published: list[str] | None = None
@@ -70,7 +82,7 @@ class Discovery:
     async def start(self) -> None:
         await self.refresh_once()
         if self.dns_targets:
-            self._task = asyncio.create_task(self._loop(), name="dns-discovery")
+            self._task = spawn("dns-discovery", self._loop, self.on_error)
 
     async def stop(self) -> None:
         if self._task:
@@ -89,7 +101,7 @@ class Discovery:
     async def refresh_once(self) -> None:
         for name, port in self.dns_targets:
             try:
-                self._dns[(name, port)] = await resolve_all(name, port)
+                self._dns[(name, port)] = await resolve_all(name, port, self.family)
             except OSError as exc:
                 log.warning("DNS lookup of %s:%d failed (%s); keeping %d known backends", name, port, exc,
                             len(self._dns.get((name, port), [])))

@@ -15,12 +15,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.backends import BackendRegistry, PickToken
-from extproc.processor import Processor, StreamState
+from extproc.processor import CONTINUE_FOR, Processor, StreamState
 from extproc.route_settings import RouteSettingsCache
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+# Headroom over --max-body-bytes for the rest of a ProcessingRequest (headers, metadata).
+_MESSAGE_HEADROOM = 1024 * 1024
 
 
 def _identity(b: bytes) -> bytes:
@@ -32,12 +34,14 @@ class ExtProcHandler:
         self.processor = processor
         self.registry = registry
         self.route_settings = RouteSettingsCache(processor.default_route)
+        self.open_streams = 0  # watched by the drain on shutdown
 
     async def process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         tokens: list[PickToken] = []
-        # Per-route settings arrive as the stream's initial metadata (ExtProcPerRoute).
-        state = StreamState(route=self.route_settings.get(context.invocation_metadata()))
+        self.open_streams += 1
         try:
+            # Per-route settings arrive as the stream's initial metadata (ExtProcPerRoute).
+            state = StreamState(route=self.route_settings.get(context.invocation_metadata()))
             while True:
                 req = await context.read()
                 if req is grpc.aio.EOF:
@@ -45,19 +49,29 @@ class ExtProcHandler:
                 try:
                     outcome = self.processor.handle(req, state)
                 except Exception:  # the processor already guards decisions; this is a last net
-                    log.exception("ext_proc message handling failed")
+                    log.exception("ext_proc message handling failed; answering CONTINUE")
+                    self.processor.metrics.handler_error()
+                    # Envoy waits for an answer to every message: silence would cost the
+                    # request message_timeout and then the fallback. CONTINUE costs nothing.
+                    response = CONTINUE_FOR.get(req.WhichOneof("request") or "", b"")
+                    if response:
+                        await context.write(response)
                     continue
                 if outcome.token is not None:
                     tokens.append(outcome.token)
                 if outcome.response:
                     await context.write(outcome.response)
         finally:
+            self.open_streams -= 1
             for token in tokens:
                 self.registry.on_done(token)
 
 
-def build_server(processor: Processor, registry: BackendRegistry, address: str) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def build_server(
+    processor: Processor, registry: BackendRegistry, address: str
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, ExtProcHandler]:
     handler = ExtProcHandler(processor, registry)
+    max_message = processor.max_body_bytes + _MESSAGE_HEADROOM
     rpc = grpc.stream_stream_rpc_method_handler(
         handler.process,
         request_deserializer=ep.ProcessingRequest.FromString,
@@ -71,6 +85,10 @@ def build_server(processor: Processor, registry: BackendRegistry, address: str) 
             ("grpc.max_concurrent_streams", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            # The default 4 MiB receive limit is below a 4 MiB body plus its envelope: a body
+            # Envoy lets through must never be refused here.
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
         ]
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": rpc}),))
@@ -78,7 +96,7 @@ def build_server(processor: Processor, registry: BackendRegistry, address: str) 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on gRPC address {address}")
-    return server, health_servicer
+    return server, health_servicer, handler
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:

@@ -7,11 +7,12 @@ children: ``labels()`` takes a lock and a dict lookup we don't need on every req
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -35,6 +36,11 @@ class _BackendCollector(Collector):
         healthy = GaugeMetricFamily(
             "extproc_backend_healthy", "1 if the backend is eligible (not failing its scrapes), else 0.", labels=["backend"]
         )
+        suspect = GaugeMetricFamily(
+            "extproc_backend_suspect",
+            "1 while the backend's last scrape failed or timed out (excluded while others are eligible).",
+            labels=["backend"],
+        )
         inflight = GaugeMetricFamily(
             "extproc_inflight_requests", "Requests routed to the backend whose ext_proc stream is still open.", labels=["backend"]
         )
@@ -49,11 +55,17 @@ class _BackendCollector(Collector):
             ep = rec.endpoint
             age.add_metric([ep], now - rec.last_ok if rec.last_ok is not None else float("nan"))
             healthy.add_metric([ep], 1.0 if rec.healthy else 0.0)
+            suspect.add_metric([ep], 1.0 if rec.suspect else 0.0)
             inflight.add_metric([ep], float(rec.inflight))
         for view in snap.backends:
             for s in ("fresh", "stale", "unknown"):
                 state.add_metric([view.endpoint, s], 1.0 if view.freshness == s else 0.0)
-        yield from (age, healthy, inflight, state)
+        tasks = GaugeMetricFamily("extproc_asyncio_tasks", "asyncio tasks alive in the service's event loop.")
+        try:
+            tasks.add_metric([], float(len(asyncio.all_tasks())))
+        except RuntimeError:  # collected outside the event loop (tests)
+            tasks.add_metric([], float("nan"))
+        yield from (age, healthy, suspect, inflight, state, tasks)
 
 
 class Metrics:
@@ -79,11 +91,29 @@ class Metrics:
         )
         self._scrapes = Counter(
             "extproc_scrapes_total",
-            "Backend /metrics scrapes by result (ok, timeout, error, http_error, parse_error).",
+            "Backend /metrics scrapes by result (ok, timeout, refused, connect_timeout, http_error, "
+            "parse_error, too_large, error; models_error for a bad GET /v1/models).",
             ["backend", "result"],
             registry=self.registry,
         )
+        self._task_errors = Counter(
+            "extproc_task_errors_total",
+            "Unexpected errors in background tasks (each restarts the task).",
+            ["task"],
+            registry=self.registry,
+        )
+        self._handler_errors = Counter(
+            "extproc_handler_errors_total",
+            "ext_proc messages whose handling raised; the service answered CONTINUE instead.",
+            registry=self.registry,
+        )
+        self.serving = Gauge(
+            "extproc_serving", "1 while the gRPC health status is SERVING (0 while draining or with an empty pool).",
+            registry=self.registry,
+        )
+        ProcessCollector(registry=self.registry)  # RSS, open fds, CPU: what a soak test watches
         self._decision_children: dict[tuple[str, str], object] = {}
+        self._scrape_results: dict[str, set[str]] = {}
 
     def attach_backends(self, backends: BackendRegistry) -> None:
         self.registry.register(_BackendCollector(backends))
@@ -100,4 +130,19 @@ class Metrics:
         self._rejections.labels(reason).inc()
 
     def scraped(self, backend: str, result: str) -> None:
+        self._scrape_results.setdefault(backend, set()).add(result)
         self._scrapes.labels(backend, result).inc()
+
+    def forget_backend(self, backend: str) -> None:
+        """Drop a departed backend's series (pods come and go; series must not pile up)."""
+        for result in self._scrape_results.pop(backend, ()):
+            try:
+                self._scrapes.remove(backend, result)
+            except KeyError:
+                pass
+
+    def task_error(self, task: str) -> None:
+        self._task_errors.labels(task).inc()
+
+    def handler_error(self) -> None:
+        self._handler_errors.inc()

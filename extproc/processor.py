@@ -69,16 +69,23 @@ def headers_of(msg: ep.HttpHeaders) -> dict[str, str]:
 
 
 def routing_response(decision: Decision, expose: bool, phase: str) -> bytes:
-    endpoint = decision.backend.endpoint
+    # The pick, then the fallbacks: Envoy's override_host tries them in order on retries.
+    endpoints = decision.endpoints
     mutation = base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=endpoint.encode()),
+        header=base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=endpoints.encode()),
         append_action=_OVERWRITE,
     )
     md = struct_pb2.Struct()
-    md.update({LB_NAMESPACE: {DESTINATION_HEADER: endpoint}})
+    md.update({LB_NAMESPACE: {DESTINATION_HEADER: endpoints}})
     if expose:
         md.update(
-            {OBSERVABILITY_NAMESPACE: {"strategy": decision.strategy, "reason": decision.reason, "endpoint": endpoint}}
+            {
+                OBSERVABILITY_NAMESPACE: {
+                    "strategy": decision.strategy,
+                    "reason": decision.reason,
+                    "endpoint": decision.backend.endpoint,
+                }
+            }
         )
     common = ep.CommonResponse(header_mutation=ep.HeaderMutation(set_headers=[mutation]))
     if phase == "request_body":
@@ -125,7 +132,7 @@ def _continue(kind: str) -> bytes:
     return b""
 
 
-_CONTINUE = {
+CONTINUE_FOR = _CONTINUE = {
     k: _continue(k)
     for k in (
         "request_headers", "request_body", "response_headers", "response_body", "request_trailers", "response_trailers"
@@ -155,6 +162,8 @@ class Processor:
         prefix_index: PrefixIndex | None = None,
         max_body_bytes: int = 4 * 1024 * 1024,
         default_route: RouteSettings = DEFAULT_ROUTE,
+        fallback_endpoints: int = 3,
+        reject_when_empty: bool = False,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -165,6 +174,9 @@ class Processor:
         self.expose = expose_routing_headers
         self.prefix_index = prefix_index or PrefixIndex()
         self.max_body_bytes = max_body_bytes
+        self.fallback_endpoints = fallback_endpoints
+        # Empty pool: answer 503 ourselves, or (default) let Envoy's fallback policy choose.
+        self.reject_when_empty = reject_when_empty
         # Service-wide weights / guards; a route's metadata overrides them field by field.
         self.default_route = default_route
         self.rng = rng or random.Random()
@@ -204,9 +216,17 @@ class Processor:
         headers = state.headers or {}
         path = route_path(headers.get(":path", ""))
         try:
-            if not msg.end_of_stream:  # BUFFERED_PARTIAL cut the body at Envoy's buffer limit
-                raise RequestError(413, "Request body exceeds the gateway's buffer limit.", code="request_too_large")
-            parsed = parse_request(path, msg.body, max_bytes=self.max_body_bytes)
+            try:
+                parsed = parse_request(path, msg.body, max_bytes=self.max_body_bytes)
+            except RequestError as err:
+                # Not the end of the stream: in BUFFERED mode trailers follow a complete body; in
+                # BUFFERED_PARTIAL mode Envoy may have cut the body at its buffer limit, which
+                # shows as JSON that does not parse.
+                if not msg.end_of_stream and state.body_mode == ProcessingMode.BUFFERED_PARTIAL and err.status == 400:
+                    raise RequestError(
+                        413, "Request body exceeds the gateway's buffer limit.", code="request_too_large"
+                    ) from None
+                raise
         except RequestError as err:
             self.metrics.rejected(err.code or f"http-{err.status}")
             return Outcome(
@@ -265,10 +285,17 @@ class Processor:
         parsed: ParsedRequest | None = None,
     ) -> Outcome:
         try:
-            decision = decide(strategy, self.fallback, facts, self.registry.snapshot(), self.rng)
+            decision = decide(
+                strategy, self.fallback, facts, self.registry.snapshot(), self.rng, self.fallback_endpoints
+            )
         except NoBackends:
-            self.metrics.rejected("no-backends")
-            return Outcome(_NO_BACKENDS)
+            if self.reject_when_empty:
+                self.metrics.rejected("no-backends")
+                return Outcome(_NO_BACKENDS)
+            # No destination: Envoy's override_host falls back to its own policy over the
+            # cluster it knows (503 as OpenAI JSON from Envoy if that is empty too).
+            self.metrics.decided(strategy.name, "no-backends", self._clock() - started)
+            return Outcome(_CONTINUE[phase])
         except UnknownModel as exc:
             self.metrics.rejected("model-not-found")
             return Outcome(self._model_not_found(exc))
@@ -293,7 +320,7 @@ class Processor:
         return Decision(self.rng.choice(backends), strategy.name, "fallback-error")
 
     def _response_for(self, decision: Decision, phase: str) -> bytes:
-        key = (phase, decision.backend.endpoint, decision.strategy, decision.reason)
+        key = (phase, decision.endpoints, decision.strategy, decision.reason)
         cached = self._responses.get(key)
         if cached is None:
             if len(self._responses) >= _RESPONSE_CACHE_LIMIT:

@@ -1,7 +1,15 @@
 """Polls every backend's /metrics on its own timer and feeds the registry.
 
 One task per backend, so a slow server (a loaded vLLM answers /metrics late) never delays
-the others; one ticker rebuilds the snapshot once per interval for all of them.
+the others; one ticker rebuilds the snapshot once per interval for all of them. Every task is
+supervised (:mod:`extproc.supervise`): a bug costs one scrape, never the backend's loop.
+
+How a scrape ends decides what the registry believes (docs/reliability.md):
+* ``ok``: fresh numbers;
+* ``timeout``: no answer within ``--scrape-timeout`` -> *suspect* (treated as saturated);
+* ``refused`` / ``connect_timeout``: nothing listens or the host is unreachable -> unhealthy;
+* ``http_error`` / ``parse_error`` / ``too_large`` / ``error``: a hard failure (3 in a row ->
+  unhealthy; suspect from the first).
 """
 
 from __future__ import annotations
@@ -17,8 +25,42 @@ import orjson
 from extproc.backends import BackendRecord, BackendRegistry
 from extproc.metrics_parser import MetricsParseError, parse_vllm_metrics
 from extproc.observability import Metrics
+from extproc.supervise import spawn
 
 log = logging.getLogger(__name__)
+
+# A real vLLM /metrics page is ~50 KB; many LoRA adapters or models make it a few 100 KB.
+DEFAULT_MAX_SCRAPE_BYTES = 4 * 1024 * 1024
+
+
+class ResponseTooLarge(Exception):
+    pass
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or :class:`ResponseTooLarge` as soon as it exceeds ``limit`` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ResponseTooLarge(f"{resp.content_length} bytes (limit {limit})")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ResponseTooLarge(f"more than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_models(body: bytes) -> tuple[frozenset[str], frozenset[str]]:
+    """``GET /v1/models`` -> (ids, adapter ids). ValueError on anything not OpenAI-shaped."""
+    data = orjson.loads(body)
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError("/v1/models: 'data' is not a list")
+    good = [e for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
+    ids = frozenset(e["id"] for e in good)
+    adapters = frozenset(e["id"] for e in good if e.get("parent"))
+    return ids, adapters
 
 
 class Scraper:
@@ -29,13 +71,18 @@ class Scraper:
         *,
         interval: float,
         timeout: float,
+        connect_timeout: float | None = None,
         models_interval: float = 5.0,
+        max_bytes: int = DEFAULT_MAX_SCRAPE_BYTES,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.interval = interval
         self.models_interval = models_interval
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.max_bytes = max_bytes
+        # A connect that has not completed by then is a host that drops packets: down, not slow.
+        connect = min(timeout, connect_timeout) if connect_timeout else None
+        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -44,7 +91,7 @@ class Scraper:
         # No connection cap per host: each backend has exactly one scraper task anyway.
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False))
         self.sync()
-        self._ticker = asyncio.create_task(self._tick(), name="snapshot-ticker")
+        self._ticker = spawn("snapshot-ticker", self._tick, self.metrics.task_error)
 
     def sync(self) -> None:
         """Start tasks for new backends and stop those of removed ones."""
@@ -53,8 +100,16 @@ class Scraper:
             if url not in current:
                 self._tasks.pop(url).cancel()
         for url, rec in current.items():
-            if url not in self._tasks:
-                self._tasks[url] = asyncio.create_task(self._loop(rec), name=f"scrape {rec.endpoint}")
+            task = self._tasks.get(url)
+            if task is None or task.done():
+                self._tasks[url] = spawn(
+                    "scrape", lambda rec=rec: self._loop(rec), self.metrics.task_error,
+                    keep_going=lambda rec=rec: rec.slot >= 0,
+                )
+
+    @property
+    def task_count(self) -> int:
+        return sum(1 for t in self._tasks.values() if not t.done())
 
     async def stop(self) -> None:
         tasks = [*self._tasks.values(), *([self._ticker] if self._ticker else [])]
@@ -87,18 +142,23 @@ class Scraper:
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
     async def fetch_models(self, rec: BackendRecord, url: str) -> bool:
-        """GET /v1/models: every id (base models and LoRA adapters, which have a parent)."""
+        """GET /v1/models: every id (base models and LoRA adapters, which have a parent).
+
+        A malformed reply is counted (``extproc_scrapes_total{result="models_error"}``) and
+        leaves the known models as they were.
+        """
         assert self._session is not None
         try:
             async with self._session.get(url, timeout=self.timeout) as resp:
                 if resp.status != 200:
-                    return False
-                data = orjson.loads(await resp.read())
-            entries = [e for e in data.get("data", []) if isinstance(e, dict) and isinstance(e.get("id"), str)]
-        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError, AttributeError):
+                    raise ValueError(f"HTTP {resp.status}")
+                ids, adapters = parse_models(await read_bounded(resp, self.max_bytes))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any bad reply is just a failed poll
+            log.debug("GET %s failed: %s: %s", url, type(exc).__name__, exc)
+            self.metrics.scraped(rec.endpoint, "models_error")
             return False
-        ids = frozenset(e["id"] for e in entries)
-        adapters = frozenset(e["id"] for e in entries if e.get("parent"))
         self.registry.record_models(rec, ids, adapters)
         return True
 
@@ -108,19 +168,28 @@ class Scraper:
         result = "ok"
         try:
             async with self._session.get(url, timeout=self.timeout) as resp:
-                body = await resp.read()
                 if resp.status != 200:
                     result = "http_error"
                     self.registry.record_failure(rec, f"HTTP {resp.status}", timeout=False)
                 else:
+                    body = await read_bounded(resp, self.max_bytes)
                     metrics = parse_vllm_metrics(body.decode("utf-8", "replace"))
                     self.registry.record_success(rec, metrics, generation)
+        except aiohttp.ConnectionTimeoutError:
+            result = "connect_timeout"
+            self.registry.record_failure(rec, "connect timeout", timeout=False, down=True)
         except TimeoutError:
             result = "timeout"
             self.registry.record_failure(rec, "timeout", timeout=True)
+        except aiohttp.ClientConnectorError as exc:
+            result = "refused"
+            self.registry.record_failure(rec, f"cannot connect: {exc.os_error}", timeout=False, down=True)
         except MetricsParseError as exc:
             result = "parse_error"
             self.registry.record_failure(rec, f"unparsable /metrics: {exc}", timeout=False)
+        except ResponseTooLarge as exc:
+            result = "too_large"
+            self.registry.record_failure(rec, f"/metrics too large: {exc}", timeout=False)
         except (aiohttp.ClientError, OSError) as exc:
             result = "error"
             self.registry.record_failure(rec, f"{type(exc).__name__}: {exc}", timeout=False)

@@ -31,6 +31,7 @@ class BackendView:
     freshness: Freshness
     healthy: bool  # False after N consecutive refused/erroring/unparsable scrapes
     overloaded: bool  # scrapes keep timing out: a busy server, never "idle"
+    suspect: bool  # its last scrape failed or timed out: excluded while others are eligible
     age: float | None  # seconds since the last good scrape, None if never
     prior: bool  # True when the load fields below are priors, not measurements
     running: float
@@ -62,14 +63,16 @@ class BackendView:
 class Pool:
     """The backends a decision may choose from, with the eligibility facts of that subset."""
 
-    eligible: tuple[BackendView, ...]  # healthy members, or all members if none is healthy
+    # Healthy members whose last scrape worked (or that were never scraped yet); else the
+    # healthy ones (all suspect: every /metrics stalls); else all members (none healthy).
+    eligible: tuple[BackendView, ...]
     all_unhealthy: bool
     eligible_known: bool
 
     @staticmethod
     def of(views: tuple[BackendView, ...]) -> Pool:
         healthy = tuple(v for v in views if v.healthy)
-        eligible = healthy or views
+        eligible = tuple(v for v in healthy if not v.suspect) or healthy or views
         return Pool(eligible, bool(views) and not healthy, any(v.known for v in eligible))
 
 

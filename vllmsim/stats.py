@@ -1,7 +1,7 @@
 """Counters and histograms the engine updates; rendered by ``exposition.py``.
 
 Histogram buckets are copied from the real vLLM 0.32 /metrics capture in
-/work/shared/fixtures (tests/vllmsim/test_metrics_fixture.py checks they still match).
+tests/fixtures (tests/vllmsim/test_metrics_fixture.py checks they still match).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def test_decides_at_the_body_with_the_model_pool():
     resp, out = exchange(proc, chat(model="B"))
     assert resp.WhichOneof("response") == "request_body"
     hdr = resp.request_body.response.header_mutation.set_headers[0].header
-    assert hdr.raw_value == b"10.0.0.3:8000"
+    assert hdr.raw_value == b"10.0.0.3:8000"  # model B has one server: nothing to fall back to
     assert resp.dynamic_metadata["envoy.lb"]["x-gateway-destination-endpoint"] == "10.0.0.3:8000"
     assert out.token is not None
 
@@ -73,7 +73,8 @@ def test_decides_at_the_body_with_the_model_pool():
 def test_headers_only_mode_decides_at_headers():
     proc, _ = make()
     resp = ep.ProcessingResponse.FromString(proc.handle(headers_req(body_mode=None), StreamState()).response)
-    assert resp.request_headers.response.header_mutation.set_headers[0].header.raw_value == b"10.0.0.1:8000"
+    value = resp.request_headers.response.header_mutation.set_headers[0].header.raw_value
+    assert value.split(b",")[0] == b"10.0.0.1:8000"
 
 
 def test_paths_not_understood_are_routed_without_the_body():
@@ -192,3 +193,25 @@ def test_partial_body_is_413():
     resp = ep.ProcessingResponse.FromString(proc.handle(partial, state).response)
     assert resp.immediate_response.status.code == 413
     assert orjson.loads(resp.immediate_response.body)["error"]["code"] == "request_too_large"
+
+
+def test_buffered_body_followed_by_trailers_is_routed_not_413():
+    # BUFFERED: end_of_stream=False on the body only means trailers follow; the body is whole.
+    proc, _ = make()
+    state = StreamState()
+    proc.handle(headers_req(body_mode=BUFFERED), state)
+    body = ep.ProcessingRequest(request_body=ep.HttpBody(body=orjson.dumps(chat(model="B")), end_of_stream=False))
+    resp = ep.ProcessingResponse.FromString(proc.handle(body, state).response)
+    assert resp.WhichOneof("response") == "request_body"
+    assert resp.request_body.response.header_mutation.set_headers[0].header.raw_value == b"10.0.0.3:8000"
+    trailers = ep.ProcessingRequest(request_trailers=ep.HttpTrailers())
+    assert ep.ProcessingResponse.FromString(proc.handle(trailers, state).response).HasField("request_trailers")
+
+
+def test_partial_mode_whole_body_with_trailers_is_routed():
+    proc, _ = make()
+    state = StreamState()
+    proc.handle(headers_req(body_mode=ProcessingMode.BUFFERED_PARTIAL), state)
+    body = ep.ProcessingRequest(request_body=ep.HttpBody(body=orjson.dumps(chat(model="B")), end_of_stream=False))
+    resp = ep.ProcessingResponse.FromString(proc.handle(body, state).response)
+    assert resp.WhichOneof("response") == "request_body"

@@ -4,7 +4,6 @@ that the fast parser agrees with prometheus_client's reference parser."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -17,18 +16,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from extproc import metrics_parser
 from extproc.metrics_parser import MetricsParseError, VllmMetrics, parse_vllm_metrics
 
-# CI lays shared/ beside the repo clone; a developer can point elsewhere with VLLM_FIXTURES_DIR.
-FIXTURES_DIR = Path(
-    os.environ.get("VLLM_FIXTURES_DIR")
-    or Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
-)
+# Real vLLM captures, kept in the repo (provenance: tests/fixtures/README-vllm-metrics.txt).
+FIXTURES_DIR = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def fixture_text(name: str) -> str:
-    path = FIXTURES_DIR / name
-    if not path.is_file():
-        pytest.skip(f"vLLM fixture {path} not found (set VLLM_FIXTURES_DIR)")
-    return path.read_text(encoding="utf-8")
+    # A missing capture is a broken checkout, never a reason to skip.
+    return (FIXTURES_DIR / name).read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,11 +22,11 @@ def headers_msg(**headers: str) -> ep.ProcessingRequest:
     return ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv)))
 
 
-def make(n=2, expose=True, strategy="least-request"):
+def make(n=2, expose=True, strategy="least-request", **kw):
     reg, clock = registry(n)
     proc = Processor(
         reg, default_strategy=strategy, fallback=FALLBACKS["random"], metrics=Metrics(),
-        expose_routing_headers=expose, rng=random.Random(0),
+        expose_routing_headers=expose, rng=random.Random(0), **kw,
     )
     return proc, reg
 
@@ -42,9 +42,10 @@ def test_routes_with_header_and_both_metadata_namespaces():
     out = proc.handle(headers_msg())
     resp = decode(out)
     hdr = resp.request_headers.response.header_mutation.set_headers[0].header
-    assert (hdr.key, hdr.raw_value) == (DESTINATION_HEADER, b"10.0.0.2:8000")
+    # The pick, then the other server as fallback: header and envoy.lb metadata agree.
+    assert (hdr.key, hdr.raw_value) == (DESTINATION_HEADER, b"10.0.0.2:8000,10.0.0.1:8000")
     md = resp.dynamic_metadata
-    assert md["envoy.lb"][DESTINATION_HEADER] == "10.0.0.2:8000"
+    assert md["envoy.lb"][DESTINATION_HEADER] == "10.0.0.2:8000,10.0.0.1:8000"
     assert dict(md["extproc"]) == {"strategy": "least-request", "reason": "metrics", "endpoint": "10.0.0.2:8000"}
     assert out.token is not None and reg.snapshot().pending == (0, 1)
 
@@ -88,11 +89,61 @@ def test_strategy_header_is_case_insensitive():
     assert resp.dynamic_metadata["extproc"]["strategy"] == "round-robin"
 
 
-def test_no_backends_is_503_openai_error():
-    proc, _ = make(0)
+def test_no_backends_is_503_openai_error_when_rejecting():
+    proc, _ = make(0, reject_when_empty=True)
     resp = decode(proc.handle(headers_msg()))
     assert resp.immediate_response.status.code == 503
     assert orjson.loads(resp.immediate_response.body)["error"]["code"] == "no_backends"
+
+
+def test_no_backends_lets_envoy_choose_by_default():
+    proc, _ = make(0)
+    out = proc.handle(headers_msg())
+    resp = decode(out)
+    # A plain CONTINUE: no destination header, no metadata; Envoy's fallback policy picks.
+    assert resp.WhichOneof("response") == "request_headers"
+    assert not resp.request_headers.response.header_mutation.set_headers
+    assert not resp.HasField("dynamic_metadata") and out.token is None
+
+
+def ranked_list(resp) -> list[str]:
+    value = resp.request_headers.response.header_mutation.set_headers[0].header.raw_value.decode()
+    assert resp.dynamic_metadata["envoy.lb"][DESTINATION_HEADER] == value
+    return value.split(",")
+
+
+def test_fallback_list_is_the_pick_then_least_loaded_distinct_servers():
+    proc, reg = make(5)
+    for i, running in enumerate([4, 0, 9, 2, 7]):
+        scrape_ok(reg, i, vm(running=running))
+    endpoints = ranked_list(decode(proc.handle(headers_msg())))
+    # least-request picks .2 (0 running); then .4 (2), .1 (4), .5 (7): 3 fallbacks by default.
+    assert endpoints == ["10.0.0.2:8000", "10.0.0.4:8000", "10.0.0.1:8000", "10.0.0.5:8000"]
+    assert len(set(endpoints)) == len(endpoints)
+
+
+def test_fallback_list_length_is_configurable_and_zero_is_just_the_pick():
+    proc, reg = make(5, fallback_endpoints=1)
+    assert len(ranked_list(decode(proc.handle(headers_msg())))) == 2
+    proc, reg = make(5, fallback_endpoints=0)
+    assert len(ranked_list(decode(proc.handle(headers_msg())))) == 1
+
+
+def test_fallback_list_leaves_out_suspect_and_unhealthy_servers():
+    proc, reg = make(4)
+    for i in range(4):
+        scrape_ok(reg, i, vm(running=0))
+    recs = reg.records
+    reg.record_failure(recs[1], "timeout", timeout=True)  # hung: suspect
+    reg.record_failure(recs[2], "refused", timeout=False, down=True)  # dead: unhealthy at once
+    for _ in range(20):
+        assert set(ranked_list(decode(proc.handle(headers_msg())))) == {"10.0.0.1:8000", "10.0.0.4:8000"}
+
+
+def test_handler_never_returns_an_empty_answer_for_trailers():
+    proc, _ = make()
+    msg = ep.ProcessingRequest(request_trailers=ep.HttpTrailers())
+    assert decode(proc.handle(msg)).WhichOneof("response") == "request_trailers"
 
 
 def test_broken_fallback_still_routes(monkeypatch):

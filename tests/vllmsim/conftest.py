@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
@@ -13,7 +14,7 @@ import pytest
 from vllmsim.config import SimConfig
 from vllmsim.engine import Engine
 
-FIXTURES = "/work/shared/fixtures"
+FIXTURES = str(Path(__file__).resolve().parents[1] / "fixtures")  # real vLLM captures, in the repo
 
 # Small, fast engine shape for unit tests; numbers chosen so expected durations are exact-ish.
 UNIT_CFG = SimConfig(

@@ -1,5 +1,5 @@
 """The simulator's /metrics must look like real vLLM's: same families, types, HELP, label names,
-enumerated label values and histogram buckets as the captures in /work/shared/fixtures."""
+enumerated label values and histogram buckets as the captures in tests/fixtures."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -284,6 +285,37 @@ async def sim_stats(request: web.Request) -> web.Response:
     })
 
 
+_RUNTIME_FAULTS = {"metrics_latency": (0.0, 3600.0), "metrics_fail_rate": (0.0, 1.0), "fail_rate": (0.0, 1.0)}
+
+
+async def sim_faults(request: web.Request) -> web.Response:
+    """Switch faults on and off at run time (not a vLLM route; benchmarks and tests use it).
+
+    ``POST /sim/faults {"metrics_latency": 3600}`` hangs /metrics from now on;
+    ``{"fail_rate": 1}`` answers every inference request 500; ``{...: 0}`` switches off.
+    GET returns the current values.
+    """
+    sim = request.app[SIM_KEY]
+    if request.method == "POST":
+        try:
+            body = await request.json()
+            if not isinstance(body, dict) or not body:
+                raise ValueError("expected a JSON object")
+            changes = {}
+            for key, value in body.items():
+                if key not in _RUNTIME_FAULTS:
+                    raise ValueError(f"unknown fault {key!r}; valid: {', '.join(_RUNTIME_FAULTS)}")
+                lo, hi = _RUNTIME_FAULTS[key]
+                if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+                    raise ValueError(f"{key} must be a number in [{lo}, {hi}]")
+                changes[key] = float(value)
+        except ValueError as exc:  # includes JSON decode errors
+            return error_response(400, str(exc))
+        sim.cfg = replace(sim.cfg, **changes)
+        log.warning("faults changed at run time: %s", changes)
+    return web.json_response({k: getattr(sim.cfg, k) for k in _RUNTIME_FAULTS})
+
+
 # ---- app ------------------------------------------------------------------------------------
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     sim = app[SIM_KEY]
@@ -322,6 +354,7 @@ def build_app(cfg: SimConfig) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/sim/stats", sim_stats)
+    app.router.add_route("*", "/sim/faults", sim_faults)
     return app
 
 

@@ -7,18 +7,29 @@ header stays byte-for-byte the same structure (a test compares them).
 What changes:
 
 * admin and the ingress listener bind to 127.0.0.1 on the given ports;
-* cluster ``extproc`` points at the given (host, port), as a STATIC cluster;
+* cluster ``extproc`` points at the given (host, port) - or, with ``grpc_ports``, at SEVERAL
+  service replicas on loopback (rolling restarts: Envoy's gRPC health check steers new ext_proc
+  streams away from a draining replica) - as a STATIC cluster;
 * cluster ``vllm`` becomes STATIC with exactly the given backends (compose uses DNS);
 * optionally (``direct_listener_port``) a second listener ``ingress_direct`` with the same HTTP
   connection manager minus the ext_proc filter, routed to cluster ``vllm_direct`` that holds only
   the first backend. Benchmarks compare it with the main listener to measure what the service
   adds to a request ("direct to a backend" vs "through the service").
+
+One documented behaviour override, ``fail_closed=True``: the ext_proc filter's
+``failure_mode_allow`` becomes false, so a request the service cannot decide (service down,
+erroring, over ``message_timeout``) gets an OpenAI-shaped 503 (``local_reply_config`` in
+envoy.yaml) instead of being routed by the fallback policy. For docker compose, write that
+variant of envoy.yaml (addresses unchanged) with
+``python -c 'from devstack.envoy_config import render_fail_closed as r; print(r(), end="")'``
+and mount it instead of envoy.yaml.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,16 +132,46 @@ def _direct_listener(ingress: dict[str, Any], port: int) -> dict[str, Any]:
     return direct
 
 
+def _ext_proc_filter(cfg: dict[str, Any]) -> dict[str, Any]:
+    ingress = _by_name(cfg["static_resources"]["listeners"], INGRESS_LISTENER, "listener")
+    for f in _hcm(ingress)["http_filters"]:
+        if f["name"] == EXT_PROC_FILTER:
+            xp: dict[str, Any] = f["typed_config"]
+            return xp
+    raise KeyError(f"listener {INGRESS_LISTENER!r} has no {EXT_PROC_FILTER}")
+
+
+def make_fail_closed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Turn a parsed config into the fail-closed variant (in place; also returned).
+
+    Only ``failure_mode_allow`` changes: the 503 mapping for the refused request is already in
+    envoy.yaml's ``local_reply_config`` (it never fires while failure_mode_allow is true).
+    """
+    _ext_proc_filter(cfg)["failure_mode_allow"] = False
+    return cfg
+
+
 def render_local_config_dict(
     *,
     listener_port: int,
     admin_port: int,
-    extproc_address: tuple[str, int],
+    extproc_address: tuple[str, int] | None = None,
     backends: list[tuple[str, int]],
     direct_listener_port: int | None = None,
     template: Path | None = None,
+    grpc_ports: Sequence[int] | None = None,
+    fail_closed: bool = False,
 ) -> dict[str, Any]:
     """Like :func:`render_local_config` but returns the parsed structure."""
+    if (extproc_address is None) == (grpc_ports is None):
+        raise ValueError("give exactly one of extproc_address or grpc_ports")
+    if grpc_ports is not None:
+        if not grpc_ports:
+            raise ValueError("grpc_ports is empty")
+        extproc_endpoints = [(LOOPBACK, int(p)) for p in grpc_ports]
+    else:
+        assert extproc_address is not None
+        extproc_endpoints = [extproc_address]
     cfg = load_template(template)
 
     cfg["admin"]["address"] = _socket_address(LOOPBACK, admin_port)
@@ -141,7 +182,7 @@ def render_local_config_dict(
     ingress["address"] = _socket_address(LOOPBACK, listener_port)
 
     clusters: list[dict[str, Any]] = resources["clusters"]
-    _static_endpoints(_by_name(clusters, EXTPROC_CLUSTER, "cluster"), [extproc_address])
+    _static_endpoints(_by_name(clusters, EXTPROC_CLUSTER, "cluster"), extproc_endpoints)
     vllm = _by_name(clusters, VLLM_CLUSTER, "cluster")
     _static_endpoints(vllm, list(backends))
 
@@ -153,6 +194,8 @@ def render_local_config_dict(
         direct["name"] = DIRECT_CLUSTER
         _static_endpoints(direct, [backends[0]])
         clusters.append(direct)
+    if fail_closed:
+        make_fail_closed(cfg)
     return cfg
 
 
@@ -160,15 +203,27 @@ def render_local_config(
     *,
     listener_port: int,
     admin_port: int,
-    extproc_address: tuple[str, int],
+    extproc_address: tuple[str, int] | None = None,
     backends: list[tuple[str, int]],
     direct_listener_port: int | None = None,
     template: Path | None = None,
+    grpc_ports: Sequence[int] | None = None,
+    fail_closed: bool = False,
 ) -> str:
     """Return the loopback Envoy config (YAML text) derived from ``envoy/envoy.yaml``.
 
     ``backends`` are (ip, port) of the vLLM servers; use IP literals (127.0.0.1), because the
     service reports ``ip:port`` and override_host matches hosts by that exact string.
+
+    Where the ext_proc service is - give exactly one of:
+
+    * ``extproc_address=(host, port)``: one service instance;
+    * ``grpc_ports=[9002, 9003, ...]``: several service replicas on 127.0.0.1, all in cluster
+      ``extproc``. Envoy spreads ext_proc streams over the replicas that pass its gRPC health
+      check, so a replica that turned NOT_SERVING (SIGTERM, drain period) stops getting new
+      streams within ~1 s: restart replicas one at a time for a rolling restart.
+
+    ``fail_closed=True``: ``failure_mode_allow: false`` (see the module docstring).
     """
     cfg = render_local_config_dict(
         listener_port=listener_port,
@@ -177,8 +232,23 @@ def render_local_config(
         backends=backends,
         direct_listener_port=direct_listener_port,
         template=template,
+        grpc_ports=grpc_ports,
+        fail_closed=fail_closed,
     )
-    return _HEADER + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False, width=10_000)
+    return _dump(cfg)
+
+
+def _dump(cfg: dict[str, Any], header: str = _HEADER) -> str:
+    return header + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False, width=10_000)
+
+
+def render_fail_closed(template: Path | None = None) -> str:
+    """envoy.yaml (addresses unchanged, e.g. for docker compose) with failure_mode_allow false."""
+    header = (
+        "# GENERATED by devstack.envoy_config.render_fail_closed from envoy/envoy.yaml:\n"
+        "# the same config with ext_proc failure_mode_allow: false. Edit envoy/envoy.yaml.\n"
+    )
+    return _dump(make_fail_closed(load_template(template)), header)
 
 
 def listener_ports(config: dict[str, Any]) -> list[int]:
@@ -187,3 +257,4 @@ def listener_ports(config: dict[str, Any]) -> list[int]:
         int(lst["address"]["socket_address"]["port_value"])
         for lst in config.get("static_resources", {}).get("listeners", [])
     ]
+

@@ -3,7 +3,8 @@
 Shutdown (docs/reliability.md):
 * SIGTERM drains: gRPC health turns NOT_SERVING at once, ext_proc keeps answering for
   ``--drain-seconds`` (Envoy's health check moves new streams to another replica meanwhile),
-  then the server stops accepting and open streams get ``--stop-grace`` to finish.
+  then open streams (HTTP requests still running) get ``--stop-grace`` to finish; the rest are
+  ended with status OK, which Envoy treats as "done", never as a failure.
 * SIGINT (Ctrl-C) or a second SIGTERM stops without the drain.
 """
 
@@ -159,10 +160,19 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             except TimeoutError:
                 pass
     finally:
-        log.info("shutting down (%d open streams, %.1f s grace)", handler.open_streams, settings.stop_grace)
         health.draining = True
         await health.publish()
-        await server.stop(grace=settings.stop_grace if drain.is_set() else min(settings.stop_grace, 2.0))
+        # Let open streams (= HTTP requests still running) finish by themselves, still accepting
+        # (Envoy no longer sends new ones once health is NOT_SERVING), then end the rest with OK.
+        grace = settings.stop_grace if drain.is_set() else min(settings.stop_grace, 2.0)
+        log.info("shutting down (%d open streams, up to %.1f s grace)", handler.open_streams, grace)
+        deadline = loop.time() + grace
+        while handler.open_streams and loop.time() < deadline and not (drain.is_set() and stop.is_set()):
+            await asyncio.sleep(0.05)
+        ended = handler.close_open_streams()
+        if ended:
+            log.info("ended %d open streams with status OK", ended)
+        await server.stop(grace=1.0)
         await runner.cleanup()
         await discovery.stop()
         await scraper.stop()

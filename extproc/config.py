@@ -45,10 +45,11 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(
         5.0, ge=0,
         description="On SIGTERM: gRPC health NOT_SERVING at once, keep answering this long (so Envoy's "
-        "health check moves new streams to another replica), then stop accepting.",
+        "health check moves new streams to another replica), then wait for open streams (--stop-grace).",
     )
     stop_grace: float = Field(
-        10.0, ge=0, description="After the drain: seconds open ext_proc streams may take to finish before they are cut.",
+        10.0, ge=0, description="After the drain: seconds open ext_proc streams (running HTTP requests) may take to "
+        "finish; the rest are ended with status OK, which Envoy does not count as a failure.",
     )
     strategy: str = Field("weighted", description="Default routing strategy.")
     fallback: Literal["random", "round-robin"] = Field(

@@ -8,6 +8,7 @@ request ends (see docs/envoy.md).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -34,11 +35,30 @@ class ExtProcHandler:
         self.processor = processor
         self.registry = registry
         self.route_settings = RouteSettingsCache(processor.default_route)
-        self.open_streams = 0  # watched by the drain on shutdown
+        self._streams: set[asyncio.Task[object]] = set()  # open Process calls (drain watches them)
+        self._closing = False
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def close_open_streams(self) -> int:
+        """End every open stream with status OK (shutdown, after the grace period).
+
+        OK, not CANCELLED: Envoy treats an OK end as "no more processing" and lets the HTTP
+        request finish untouched, while an error end counts as a failure
+        (``failure_mode_allowed``) and, fail-closed, cuts the response.
+        """
+        self._closing = True
+        for task in self._streams:
+            task.cancel()
+        return len(self._streams)
 
     async def process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         tokens: list[PickToken] = []
-        self.open_streams += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
         try:
             # Per-route settings arrive as the stream's initial metadata (ExtProcPerRoute).
             state = StreamState(route=self.route_settings.get(context.invocation_metadata()))
@@ -61,8 +81,12 @@ class ExtProcHandler:
                     tokens.append(outcome.token)
                 if outcome.response:
                     await context.write(outcome.response)
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise  # the client (Envoy) went away
+            # Returning normally ends the call with status OK (see close_open_streams).
         finally:
-            self.open_streams -= 1
+            self._streams.discard(task)  # type: ignore[arg-type]
             for token in tokens:
                 self.registry.on_done(token)
 

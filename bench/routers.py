@@ -44,6 +44,9 @@ MAX_LIFETIME_S = 900  # hard cap of one router process (coreutils timeout), what
 
 
 # ================================================================================ Envoy RR
+LUA_FILTER = "envoy.filters.http.lua"
+
+
 def envoy_round_robin_config(
     *, listener_port: int, admin_port: int, backends: Sequence[tuple[str, int]]
 ) -> str:
@@ -63,9 +66,13 @@ def envoy_round_robin_config(
             for f in chain["filters"]:
                 hcm = f.get("typed_config", {})
                 if "http_filters" in hcm:
+                    # The Lua filter only acts on the service's pick: gone with ext_proc.
                     hcm["http_filters"] = [
-                        h for h in hcm["http_filters"] if h["name"] != EXT_PROC_FILTER
+                        h for h in hcm["http_filters"] if h["name"] not in (EXT_PROC_FILTER, LUA_FILTER)
                     ]
+                    # ...and so is the fail-closed local reply for ext_proc errors.
+                    mappers = hcm.get("local_reply_config", {}).get("mappers", [])
+                    mappers[:] = [m for m in mappers if "ext_proc" not in yaml.safe_dump(m.get("filter", {}))]
                     # per-route overrides of the removed filter (body mode, tuning metadata)
                     for vhost in hcm.get("route_config", {}).get("virtual_hosts", []):
                         for obj in [vhost, *vhost.get("routes", [])]:

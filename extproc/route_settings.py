@@ -68,7 +68,11 @@ def parse_route_settings(
     metadata: Iterable[tuple[str, str | bytes]], base: RouteSettings = DEFAULT
 ) -> RouteSettings:
     """Route metadata on top of ``base`` (the service-wide defaults)."""
-    values = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in metadata if k.startswith(PREFIX)}
+    # ``-bin`` keys arrive as bytes; a value that is not UTF-8 is a typo, decoded with U+FFFD
+    # (and then rejected below like any bad value), never an exception on the request path.
+    values = {
+        k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in metadata if k.startswith(PREFIX)
+    }
     if not values:
         return base
     kw: dict[str, object] = {}

@@ -68,7 +68,11 @@ def stack(log_dir: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..
             n_backends=n_backends,
             sim_args=sim_args,
             common_sim_args=common_sim_args,
-            service_args=service_args,
+            # Teardown stops the service with SIGTERM. The production drain (5 s by default)
+            # would outlast devstack's stop timeout: a SIGKILL, slow teardown and the service's
+            # coverage data lost. A test about the drain passes its own --drain-seconds (the
+            # later flag wins).
+            service_args=["--drain-seconds", "0", *service_args],
             direct_listener=direct_listener,
             **kwargs,
         )

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "tiny-llama"
 
@@ -81,3 +82,31 @@ async def backend_view(session: aiohttp.ClientSession, admin_url: str, endpoint:
 async def all_fresh(session: aiohttp.ClientSession, admin_url: str) -> bool:
     data = await get_json(session, admin_url + "/backends")
     return all(b["freshness"] == "fresh" for b in data["backends"])
+
+
+async def ok_scrapes(session: aiohttp.ClientSession, admin_url: str) -> float:
+    """Good scrapes the service has counted, all backends (``extproc_scrapes_total{result="ok"}``).
+
+    The service counts a scrape after the registry took its numbers, so a decision that starts
+    after this read already sees them.
+    """
+    async with session.get(admin_url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
+        text = await r.text()
+    return sum(
+        sample.value
+        for fam in text_string_to_metric_families(text)
+        for sample in fam.samples
+        if sample.name == "extproc_scrapes_total" and sample.labels.get("result") == "ok"
+    )
+
+
+async def envoy_routes_to(session: aiohttp.ClientSession, envoy_admin_url: str, endpoint: str) -> bool:
+    """Envoy itself considers the host usable (its active health check / outlier detection).
+
+    A pick Envoy holds unhealthy is skipped for the next host of the list, so a test about where
+    picks land must wait for Envoy's view too, not only the service's.
+    """
+    async with session.get(envoy_admin_url + "/clusters", timeout=aiohttp.ClientTimeout(total=10)) as r:
+        text = await r.text()
+    flags = [ln.rsplit("::", 1)[1] for ln in text.splitlines() if f"::{endpoint}::health_flags::" in ln]
+    return bool(flags) and all(f == "healthy" for f in flags)

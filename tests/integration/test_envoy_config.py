@@ -710,8 +710,8 @@ async def test_with_trailers_skip_the_stream_ends_right_after_the_decision(
         f"{1000 * (closed - rec.responded):.0f} ms after the header answer; response done at "
         f"+{1000 * (done - rec.responded):.0f} ms"
     )
-    assert closed - rec.responded < 0.5, "expected the early close of Envoy >= 1.37"
-    assert done - closed > (chunks - 2) * interval
+    # Ordering, not a tight wall-clock bound: the stream ended long before the response did.
+    assert done - closed > (chunks - 2) * interval, "expected the early close of Envoy >= 1.37"
 
 
 async def test_upstream_gets_the_decision_header(world: FakeWorld) -> None:
@@ -755,11 +755,15 @@ async def test_service_down_still_routes_via_fallback(
 ) -> None:
     url, ports = world_without_service
     seen = set()
-    for _ in range(8):
+    # least_request over 2 idle hosts is random: keep going until both are seen (a spoof that
+    # worked would pin every request to ports[0]); 1 in 2^39 to miss with a working fallback.
+    for _ in range(40):
         status, headers, data, _ = await _post(url, extra_headers={DEST: f"127.0.0.1:{ports[0]}"})
         assert status == 200, data
         seen.add(_port_of(data))
         assert "x-routed-endpoint" not in headers
+        if seen == set(ports):
+            break
     assert seen == set(ports), "fallback should spread over the pool (and ignore the spoof)"
 
 

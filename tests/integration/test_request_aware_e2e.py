@@ -123,7 +123,20 @@ async def test_sessions_stick_and_move_when_their_server_dies(stack):
     async with aiohttp.ClientSession() as http:
         await eventually(lambda: all_fresh(http, s.admin_url))
         homes = {}
-        for sid in ("alice", "bob", "carol", "dave"):
+
+        async def home_of(sid: str) -> str:
+            return (await post(http, s.url, headers={"x-session-id": sid})).pod
+
+        # alice plus sessions until one lives on another server: the check that the others did
+        # not move must always have something to check (hashing decides where sessions live).
+        alice_home = await home_of("alice")
+        others = []
+        for i in range(40):
+            if await home_of(f"user-{i}") != alice_home:
+                others.append(f"user-{i}")
+                break
+        assert others, "40 sessions all hashed to one of 3 servers"
+        for sid in ("alice", "bob", "carol", *others):
             seen = set()
             for _ in range(5):
                 # The session route forces `session`, whatever the client asks for.
@@ -145,6 +158,7 @@ async def test_sessions_stick_and_move_when_their_server_dies(stack):
         new_home = await eventually(alice_moved)
         for _ in range(5):
             assert (await post(http, s.url, headers={"x-session-id": "alice"})).pod == new_home
+        assert any(home != victim for home in homes.values())
         for sid, home in homes.items():  # sessions of the other servers did not move
             if home != victim:
                 r = await post(http, s.url, headers={"x-session-id": sid})

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
@@ -29,7 +29,7 @@ from extproc.config import load_settings
 
 pytestmark = pytest.mark.integration
 
-FIXTURES = Path(os.environ.get("VLLM_FIXTURES_DIR") or Path(__file__).resolve().parents[3] / "shared" / "fixtures")
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"  # real vLLM captures, in the repo
 
 
 def fixture(name: str, running: int | None = None) -> str:
@@ -47,9 +47,11 @@ def fixture(name: str, running: int | None = None) -> str:
 @dataclass
 class FakeBackend:
     port: int
-    mode: str = "ok"  # ok | 503 | garbage | slow
+    mode: str = "ok"  # ok | 503 | garbage | slow | hang (until `release` is set)
     body: str = ""
     runner: web.AppRunner | None = None
+    ok_served: int = 0  # /metrics answers with a 200 and the body
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def url(self) -> str:
@@ -65,8 +67,13 @@ class FakeBackend:
                 return web.Response(status=503, text="model loading")
             if self.mode == "garbage":
                 return web.Response(text="<html>oops</html>")
-            if self.mode == "slow":
-                await asyncio.sleep(5)
+            if self.mode == "slow":  # answers after 5 s (or at once when the test ends)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.release.wait(), 5)
+            if self.mode == "hang":  # a first scrape that has not answered yet (bounded)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.release.wait(), 30)
+            self.ok_served += 1
             return web.Response(text=self.body)
 
         app = web.Application()
@@ -76,6 +83,7 @@ class FakeBackend:
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
 
     async def stop(self) -> None:
+        self.release.set()
         if self.runner:
             await self.runner.cleanup()
 
@@ -95,13 +103,47 @@ class Service:
         assert len(responses) == 1
         return responses[0]
 
+    async def open_stream(self, **headers: str) -> HeldStream:
+        """A Process stream that stays open after the decision (as Envoy keeps it open until
+        the HTTP request ends). Close it with :meth:`HeldStream.end`."""
+        hv = [base_pb2.HeaderValue(key=":path", raw_value=b"/v1/completions")]
+        hv += [base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in headers.items()]
+        req = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv)))
+        call = self.stub.Process()
+        await call.write(req)
+        resp = await call.read()
+        assert resp is not grpc.aio.EOF
+        return HeldStream(call, resp.dynamic_metadata["extproc"]["endpoint"])
+
     async def decision(self, **headers: str) -> tuple[str, str]:
         md = (await self.route(**headers)).dynamic_metadata["extproc"]
         return md["endpoint"], md["reason"]
 
+    async def ok_scrapes(self) -> float:
+        """Good scrapes the service counted (``extproc_scrapes_total{result="ok"}``), all backends."""
+        async with aiohttp.ClientSession() as s, s.get(self.admin_url + "/metrics") as r:
+            text = await r.text()
+        return sum(
+            sample.value
+            for fam in text_string_to_metric_families(text)
+            for sample in fam.samples
+            if sample.name == "extproc_scrapes_total" and sample.labels.get("result") == "ok"
+        )
+
     async def backends(self) -> dict:
         async with aiohttp.ClientSession() as s, s.get(self.admin_url + "/backends") as r:
             return await r.json()
+
+
+@dataclass
+class HeldStream:
+    call: grpc.aio.StreamStreamCall
+    endpoint: str
+
+    async def end(self) -> None:
+        """Half-close like Envoy at the end of a request, then drain to the server's EOF."""
+        await self.call.done_writing()
+        assert await self.call.read() is grpc.aio.EOF
 
 
 async def eventually(check: Callable[[], object], *, timeout: float = 5.0, interval: float = 0.02) -> float:
@@ -164,16 +206,27 @@ async def fakes() -> AsyncIterator[Callable[..., FakeBackend]]:
         await b.stop()
 
 
-async def test_cold_start_then_metrics_within_two_intervals(fakes):
+async def test_cold_start_then_metrics_from_the_first_good_scrape(fakes):
     a, b = await fakes("503"), await fakes("503")
     async with service([a, b], scrape_interval=0.1) as svc:
         for _ in range(20):
             endpoint, reason = await svc.decision()
             assert reason == "cold-cache" and endpoint in {a.endpoint, b.endpoint}
+        assert await svc.ok_scrapes() == 0
         a.mode = b.mode = "ok"
-        t0 = time.monotonic()
-        await eventually(lambda: _reason_is(svc, "metrics"), timeout=5)
-        assert time.monotonic() - t0 <= 2 * 0.1 + 0.15  # two intervals + loop/request slack
+        # Ordering, not wall-clock: once the service has counted a good scrape (counted after
+        # the registry took it), the very next decision must use it; without waiting for the
+        # periodic snapshot rebuild. And it must get there (generous deadline).
+        deadline = time.monotonic() + 10
+        while True:
+            counted = await svc.ok_scrapes()
+            endpoint, reason = await svc.decision()
+            if counted:
+                assert reason == "metrics", f"{counted} good scrape(s) counted, decision still {reason}"
+                break
+            assert reason in ("cold-cache", "metrics")
+            assert time.monotonic() < deadline, "no good scrape counted within 10 s"
+        assert a.ok_served + b.ok_served >= 1
 
 
 async def _reason_is(svc: Service, reason: str) -> bool:
@@ -230,58 +283,60 @@ async def test_slow_metrics_keep_the_backend_stale_and_busy_not_idle(fakes):
 
 
 async def test_scale_out_newcomer_is_neither_flooded_nor_starved(fakes):
-    a = await fakes(body=fixture("vllm-metrics-real.txt", running=4))
-    b = await fakes(body=fixture("vllm-metrics-real.txt", running=4))
-    newcomer = await fakes("503")  # in the pool, but no data yet
-    async with service([a, b, newcomer], scrape_interval=0.1) as svc:
+    # Two known backends (2 and 6 running) and a newcomer whose first scrape has not answered
+    # yet: it is in the pool with no data. Its prior is the median of the known (4): never 0
+    # (it would be flooded), never excluded (starved), never the maximum (6).
+    a = await fakes(body=fixture("vllm-metrics-real.txt", running=2))
+    b = await fakes(body=fixture("vllm-metrics-real.txt", running=6))
+    newcomer = await fakes("hang", body=fixture("vllm-metrics-real.txt", running=0))
+    # Long interval and timeout: the known numbers and the picks' in-flight counts stay put for
+    # the whole burst however slow the machine is, so the outcome is exact arithmetic.
+    settings = {"scrape_interval": 2.0, "scrape_timeout": 20.0, "stale_after": 10.0}
+    async with service([a, b, newcomer], **settings) as svc:
         await eventually(lambda: _all_fresh(svc, 2))
-        # Hold the streams open (as Envoy does until the request ends): in-flight accumulates.
-        seen: dict[str, int] = {}
-        calls = []
-        for _ in range(12):
-            hv = [base_pb2.HeaderValue(key=":path", raw_value=b"/v1/completions")]
-            req = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv)))
-            queue: asyncio.Queue = asyncio.Queue()
-            await queue.put(req)
-
-            async def requests(q=queue):
-                while True:
-                    item = await q.get()
-                    if item is None:
-                        return
-                    yield item
-
-            call = svc.stub.Process(requests())
-            resp = await call.read()
-            endpoint = resp.dynamic_metadata["extproc"]["endpoint"]
-            seen[endpoint] = seen.get(endpoint, 0) + 1
-            calls.append((call, queue))
-        # 503 x3 makes the newcomer unhealthy -> excluded; before that it had the median prior.
-        # Either way it must not take everything, and the known ones keep sharing.
-        assert seen.get(a.endpoint, 0) >= 3 and seen.get(b.endpoint, 0) >= 3
-        assert seen.get(newcomer.endpoint, 0) <= 6
-        for call, queue in calls:
-            await queue.put(None)
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                while await call.read() is not grpc.aio.EOF:
-                    pass
-        newcomer.mode = "ok"
-        newcomer.body = fixture("vllm-metrics-real.txt", running=0)
-        await eventually(lambda: _picks(svc, newcomer.endpoint))  # now known and idle: it gets traffic
+        views = {x["endpoint"]: x for x in (await svc.backends())["backends"]}
+        assert views[newcomer.endpoint]["freshness"] == "unknown" and views[newcomer.endpoint]["healthy"]
+        assert views[newcomer.endpoint]["prior"] and views[newcomer.endpoint]["running"] == 4
+        # 12 streams held open (as Envoy holds them until the request ends): each pick counts
+        # until it ends, so picks fill the lowest load: 2+6, 6+2, 4+4 -> 8 each.
+        held = [await svc.open_stream(x_routing_strategy="least-request") for _ in range(12)]
+        seen = {e: sum(h.endpoint == e for h in held) for e in (a.endpoint, b.endpoint, newcomer.endpoint)}
+        assert sum(seen.values()) == 12
+        assert 3 <= seen[newcomer.endpoint] <= 5, seen  # its fair share (4), neither 0 nor all
+        assert seen[a.endpoint] > seen[newcomer.endpoint] > seen[b.endpoint], seen
+        for h in held:
+            await h.end()
+        # Its first scrape answers: known and idle, so it now gets the traffic.
+        newcomer.release.set()
+        await eventually(lambda: _picks(svc, newcomer.endpoint), timeout=10)
 
 
 async def test_inflight_released_when_stream_ends(fakes):
     a = await fakes()
     async with service([a]) as svc:
-        await svc.decision()
+        await eventually(lambda: _all_fresh(svc, 1))
 
-        async def released() -> bool:
-            return (await svc.backends())["backends"][0]["inflight"] == 0
+        async def inflight() -> int:
+            return (await svc.backends())["backends"][0]["inflight"]
 
-        await eventually(released)
+        assert await inflight() == 0
+        first = await svc.open_stream()
+        assert first.endpoint == a.endpoint
+        assert await inflight() == 1  # counted from the decision on, while the stream is open
+        second = await svc.open_stream()
+        assert await inflight() == 2
+        await first.end()
+        await eventually(lambda: _inflight_is(svc, 1))
+        await second.end()
+        await eventually(lambda: _inflight_is(svc, 0))
+        assert await inflight() == 0  # released exactly once, never below zero
 
 
-async def test_no_backends_answers_503(fakes):
-    async with service([]) as svc:
+async def _inflight_is(svc: Service, n: int) -> bool:
+    return (await svc.backends())["backends"][0]["inflight"] == n
+
+
+async def test_no_backends_answers_503_when_rejecting(fakes):
+    async with service([], empty_pool="reject") as svc:
         resp = await svc.route()
         assert resp.immediate_response.status.code == 503

@@ -352,6 +352,7 @@ def test_envoy_round_robin_config_drops_ext_proc_and_balances_round_robin():
     res = cfg["static_resources"]
     text = yaml.safe_dump(cfg)
     assert "ext_proc" not in text.replace("ext_proc_stream_close", "")
+    assert "lua" not in text  # the pick filter acts on ext_proc's answer only
     assert [c["name"] for c in res["clusters"]] == ["vllm"]
     vllm = res["clusters"][0]
     names = [p["typed_extension_config"]["name"] for p in vllm["load_balancing_policy"]["policies"]]

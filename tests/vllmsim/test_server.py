@@ -283,8 +283,12 @@ async def test_engine_clock_and_step_cost_model(sim_factory, http) -> None:
     assert wall >= expected_sim / 2.0 * 0.95  # never faster than its own (scaled) clock
     page = await get_metrics(http, base)
     e2e = metric(page, "vllm:e2e_request_latency_seconds_sum")
-    assert expected_sim <= e2e <= expected_sim * 1.15  # reported in simulated seconds
+    # Reported in simulated seconds: at least the cost model's time (a wall-second figure would
+    # be half of it), at most the scaled wall time the request really took. No fixed upper
+    # factor: a stalled event loop on a busy machine legitimately stretches simulated time.
+    assert expected_sim <= e2e <= wall * 2.0 + 0.01
     assert metric(page, "vllm:inter_token_latency_seconds_count") == 39
+    # The step cost model itself is asserted exactly on a fake clock in test_engine.py.
 
 
 async def test_same_seed_same_answer_on_every_instance(sim_factory, http) -> None:

@@ -107,7 +107,14 @@ class BackendRegistry:
     # -- membership ---------------------------------------------------------------
     def set_backends(self, urls: Iterable[str]) -> tuple[list[BackendRecord], list[BackendRecord]]:
         """Replace the pool; returns (added, removed). Known backends keep their state."""
-        wanted = list(dict.fromkeys(urls))
+        wanted = []
+        endpoints: set[str] = set()
+        for u in dict.fromkeys(urls):
+            # One backend per ip:port (Envoy's key): http://X:8000 and https://X:8000 are one host.
+            ep = self._records[u].endpoint if u in self._records else endpoint_of(u)
+            if ep not in endpoints:
+                endpoints.add(ep)
+                wanted.append(u)
         keep = set(wanted)
         added = [BackendRecord(url=u, endpoint=endpoint_of(u)) for u in wanted if u not in self._records]
         removed = [r for u, r in self._records.items() if u not in keep]

@@ -35,7 +35,8 @@ class ExtProcHandler:
         self.processor = processor
         self.registry = registry
         self.route_settings = RouteSettingsCache(processor.default_route)
-        self._streams: set[asyncio.Task[object]] = set()  # open Process calls (drain watches them)
+        # Open Process calls -> "waiting in read()" (shutdown may only cancel those).
+        self._streams: dict[asyncio.Task[object], bool] = {}
         self._closing = False
 
     @property
@@ -50,20 +51,24 @@ class ExtProcHandler:
         (``failure_mode_allowed``) and, fail-closed, cuts the response.
         """
         self._closing = True
-        for task in self._streams:
-            task.cancel()
+        # Only a stream waiting in read() is cancelled: cancelling one inside write() breaks the
+        # call (INTERNAL). A stream busy elsewhere sees _closing at the top of its loop.
+        for task, reading in self._streams.items():
+            if reading:
+                task.cancel()
         return len(self._streams)
 
     async def process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         tokens: list[PickToken] = []
         task = asyncio.current_task()
-        if task is not None:
-            self._streams.add(task)
+        streams = self._streams
         try:
             # Per-route settings arrive as the stream's initial metadata (ExtProcPerRoute).
             state = StreamState(route=self.route_settings.get(context.invocation_metadata()))
-            while True:
+            while not self._closing:
+                streams[task] = True  # type: ignore[index]
                 req = await context.read()
+                streams[task] = False  # type: ignore[index]
                 if req is grpc.aio.EOF:
                     break
                 try:
@@ -86,7 +91,7 @@ class ExtProcHandler:
                 raise  # the client (Envoy) went away
             # Returning normally ends the call with status OK (see close_open_streams).
         finally:
-            self._streams.discard(task)  # type: ignore[arg-type]
+            streams.pop(task, None)  # type: ignore[arg-type]
             for token in tokens:
                 self.registry.on_done(token)
 

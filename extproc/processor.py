@@ -20,7 +20,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from extproc.backends import BackendRegistry, PickToken
-from extproc.decide import Decision, NoBackends, UnknownModel, decide
+from extproc.decide import Decision, NoBackends, UnknownModel, decide, pool_for
 from extproc.errors import openai_error
 from extproc.observability import Metrics
 from extproc.openai_request import LLM_PATHS, ParsedRequest, RequestError, parse_request, route_path
@@ -301,7 +301,7 @@ class Processor:
             return Outcome(self._model_not_found(exc))
         except Exception:  # a bug in a fallback itself: never drop the request
             log.exception("decision failed outright; routing at random")
-            decision = self._last_resort(strategy)
+            decision = self._last_resort(strategy, facts)
             if decision is None:
                 return Outcome(_NO_BACKENDS)
         token = self.registry.on_pick(decision.backend.index)
@@ -313,8 +313,12 @@ class Processor:
         self.metrics.decided(decision.strategy, decision.reason, self._clock() - started)
         return Outcome(self._response_for(decision, phase), token)
 
-    def _last_resort(self, strategy: Strategy) -> Decision | None:
-        backends = self.registry.snapshot().backends
+    def _last_resort(self, strategy: Strategy, facts: RequestFacts) -> Decision | None:
+        snap = self.registry.snapshot()
+        try:
+            backends = pool_for(facts, snap).eligible or snap.backends  # stay in the model's pool
+        except UnknownModel:
+            backends = snap.backends
         if not backends:
             return None
         return Decision(self.rng.choice(backends), strategy.name, "fallback-error")

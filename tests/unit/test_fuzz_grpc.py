@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from extproc.backends import BackendRecord, BackendRegistry
@@ -38,6 +38,8 @@ from .helpers import FakeClock
 
 settings.register_profile(
     "fuzz-grpc-quick", max_examples=60, deadline=None, database=None, report_multiple_bugs=False,
+    # No "explain" phase: its line tracer makes a shrink over real gRPC take minutes.
+    phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
 settings.register_profile(
@@ -169,7 +171,12 @@ async def run_stream(server: Server, ex: Example, script: Script) -> None:
         # Only a server shutdown may end a stream under the client's feet, and with status OK.
         if not ex.shut_down:
             raise
-        assert await call.code() == grpc.StatusCode.OK, (await call.code(), await call.details())
+        code = await call.code()
+        # A client that writes after the server ended the call with OK fails its own send and
+        # reports INTERNAL locally ("execute_batch ... SendMessageOperation"): the server's end
+        # was OK (no handler error is checked separately); anything else is a real failure.
+        client_side = code == grpc.StatusCode.INTERNAL and "SendMessageOperation" in (await call.debug_error_string() or "")
+        assert code == grpc.StatusCode.OK or client_side, (code, await call.details())
     finally:
         call.cancel()  # after a failed check: do not leave the handler waiting (no-op once done)
 

@@ -20,10 +20,6 @@ from extproc.snapshot import BackendView, Freshness, Pool, Snapshot
 UNHEALTHY_AFTER_FAILURES = 3
 # Consecutive scrape timeouts that mark a backend "overloaded" (slow, not down).
 OVERLOADED_AFTER_TIMEOUTS = 3
-# A backend is *suspect* from its first failed or timed-out scrape until its next good one:
-# excluded while any other backend is eligible, and valued as the busiest (a vLLM whose
-# /metrics stalls is saturated or hung, never idle). Connection refused and connect timeouts
-# are certain: the backend is unhealthy at once.
 # Samples kept for rate/TTFT windows; at a 0.1 s interval this is about 3 s of history.
 HISTORY_SAMPLES = 32
 # Shortest window over which a token rate is trusted (shorter deltas are mostly noise).
@@ -77,6 +73,9 @@ class BackendRecord:
 
     @property
     def suspect(self) -> bool:
+        """From the first failed or timed-out scrape until the next good one: excluded while any
+        other backend is eligible, and valued as the busiest (a vLLM whose /metrics stalls is
+        saturated or hung, never idle). Refused or unreachable goes further: unhealthy at once."""
         return self.failures > 0 or self.timeouts > 0
 
 

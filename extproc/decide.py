@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import logging
 import random
-from heapq import nsmallest
 from collections.abc import Sequence
 from dataclasses import dataclass
+from heapq import nsmallest
 
 from extproc.snapshot import BackendView, Pool, Snapshot
 from extproc.strategies.base import RequestFacts, Strategy, request_loads
@@ -71,10 +71,11 @@ def rank_fallbacks(
     """Up to ``n`` candidates other than ``chosen``, least loaded first (ties at random)."""
     if n <= 0 or len(candidates) < 2:
         return ()
-    others = [b for b in candidates if b.index != chosen.index]
-    if len(others) > FALLBACK_SAMPLE:
-        others = rng.sample(others, FALLBACK_SAMPLE)
+    if len(candidates) > FALLBACK_SAMPLE + 1:
+        sample = rng.sample(candidates, FALLBACK_SAMPLE + 1)  # O(sample), not O(pool)
+        others = [b for b in sample if b.index != chosen.index][:FALLBACK_SAMPLE]
     else:
+        others = [b for b in candidates if b.index != chosen.index]
         rng.shuffle(others)  # random order among equal loads (a cold pool is all ties)
     loads = request_loads(others, snap)
     best = nsmallest(n, range(len(others)), key=loads.__getitem__)

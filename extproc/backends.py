@@ -273,20 +273,26 @@ def build_snapshot(records: list[BackendRecord], now: float, stale_after: float,
     """Pure: records + clock -> snapshot, with priors for what is not known.
 
     Prior for an unknown backend (or a missing field): the median over fresh backends
-    (over stale ones if none is fresh). An unknown backend whose scrapes keep timing out
-    gets the *maximum* instead: slow /metrics means busy, never idle.
+    (over stale ones if none is fresh). A *suspect* backend (its last scrape failed or timed
+    out) is valued at no less than the busiest backend that still answers: slow /metrics means
+    busy, never idle. When none answers, suspects keep their own last numbers, so the ranking
+    among them survives (an unknown suspect then gets the maximum of what is known).
     """
     states = [_freshness(r, now, stale_after, max_age) for r in records]
     values = [_measured(r) if st[0] is not Freshness.UNKNOWN else None for r, st in zip(records, states)]
     fresh = [v for v, st in zip(values, states) if v is not None and st[0] is Freshness.FRESH]
     basis = fresh or [v for v in values if v is not None]
+    answering = [v for v, r in zip(values, records) if v is not None and not r.suspect]
     median: dict[str, float] = {}
     worst: dict[str, float] = {}
+    worst_answering: dict[str, float] = {}
     for f in _LOAD_FIELDS:
         xs = [v[f] for v in basis if v[f] is not None]
         median[f] = float(statistics.median(xs)) if xs else 0.0
         # For rate, "worst" is the highest load too: a busy server moves many tokens.
         worst[f] = float(max(xs)) if xs else 0.0
+        ys = [v[f] for v in answering if v[f] is not None]
+        worst_answering[f] = float(max(ys)) if ys else 0.0
     views = []
     for i, (r, (fresh_state, age), v) in enumerate(zip(records, states, values)):
         suspect = r.suspect
@@ -294,8 +300,9 @@ def build_snapshot(records: list[BackendRecord], now: float, stale_after: float,
         if v is None:
             filled, prior = dict(prior_src), True
         elif suspect:
-            # Its last numbers may look idle (taken before it stalled): never better than the worst.
-            filled = {f: max(v[f] if v[f] is not None else 0.0, worst[f]) for f in _LOAD_FIELDS}
+            # Its last numbers may look idle (taken before it stalled): never better than the
+            # busiest server that still answers.
+            filled = {f: max(v[f] if v[f] is not None else 0.0, worst_answering[f]) for f in _LOAD_FIELDS}
             prior = False
         else:
             filled = {f: (v[f] if v[f] is not None else prior_src[f]) for f in _LOAD_FIELDS}

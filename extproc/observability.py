@@ -92,7 +92,8 @@ class Metrics:
         self._scrapes = Counter(
             "extproc_scrapes_total",
             "Backend /metrics scrapes by result (ok, timeout, refused, connect_timeout, http_error, "
-            "parse_error, too_large, error; models_error for a bad GET /v1/models).",
+            "parse_error, too_large, error; service_stalled when the service's own loop stalled; "
+            "models_error for a failed or malformed GET /v1/models).",
             ["backend", "result"],
             registry=self.registry,
         )
@@ -100,6 +101,12 @@ class Metrics:
             "extproc_task_errors_total",
             "Unexpected errors in background tasks (each restarts the task).",
             ["task"],
+            registry=self.registry,
+        )
+        self._loop_lag = Histogram(
+            "extproc_event_loop_lag_seconds",
+            "How late the service's event loop ran a 50 ms timer (CPU starvation, GC pauses).",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=self.registry,
         )
         self._handler_errors = Counter(
@@ -140,6 +147,9 @@ class Metrics:
                 self._scrapes.remove(backend, result)
             except KeyError:
                 pass
+
+    def loop_lag(self, seconds: float) -> None:
+        self._loop_lag.observe(seconds)
 
     def task_error(self, task: str) -> None:
         self._task_errors.labels(task).inc()

@@ -9,7 +9,9 @@ How a scrape ends decides what the registry believes (docs/reliability.md):
 * ``timeout``: no answer within ``--scrape-timeout`` -> *suspect* (treated as saturated);
 * ``refused`` / ``connect_timeout``: nothing listens or the host is unreachable -> unhealthy;
 * ``http_error`` / ``parse_error`` / ``too_large`` / ``error``: a hard failure (3 in a row ->
-  unhealthy; suspect from the first).
+  unhealthy; suspect from the first);
+* ``service_stalled``: a timeout while the service's OWN event loop was stalled (starved of
+  CPU, a long GC): the backend is not blamed and keeps its state.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
 import orjson
@@ -35,6 +38,38 @@ DEFAULT_MAX_SCRAPE_BYTES = 4 * 1024 * 1024
 
 class ResponseTooLarge(Exception):
     pass
+
+
+class LoopWatch:
+    """Notices stalls of the service's own event loop, so a timeout they caused is not blamed
+    on the backend (on a CPU-starved host every scrape times out at once)."""
+
+    def __init__(self, period: float, threshold: float, observe: Callable[[float], None]) -> None:
+        self.period = period
+        self.threshold = threshold
+        self.observe = observe
+        self.last_tick: float | None = None  # None until run() starts
+        self.last_stall_end = float("-inf")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.last_tick = loop.time()
+        while True:
+            await asyncio.sleep(self.period)
+            now = loop.time()
+            lag = max(0.0, now - self.last_tick - self.period)
+            self.observe(lag)
+            if lag > self.threshold:
+                self.last_stall_end = now
+            self.last_tick = now
+
+    def stalled_since(self, t: float) -> bool:
+        """True if the loop stalled after ``t`` (loop time), or is overdue right now."""
+        if self.last_stall_end >= t:
+            return True
+        if self.last_tick is None:
+            return False
+        return asyncio.get_running_loop().time() - self.last_tick > self.period + self.threshold
 
 
 async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -85,6 +120,9 @@ class Scraper:
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._ticker: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        # A stall of half the timeout can make an answered scrape time out.
+        self.watch = LoopWatch(period=0.05, threshold=min(0.2, timeout / 2), observe=metrics.loop_lag)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -92,6 +130,7 @@ class Scraper:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False))
         self.sync()
         self._ticker = spawn("snapshot-ticker", self._tick, self.metrics.task_error)
+        self._watch_task = spawn("loop-watch", self.watch.run, self.metrics.task_error)
 
     def sync(self) -> None:
         """Start tasks for new backends and stop those of removed ones."""
@@ -112,7 +151,7 @@ class Scraper:
         return sum(1 for t in self._tasks.values() if not t.done())
 
     async def stop(self) -> None:
-        tasks = [*self._tasks.values(), *([self._ticker] if self._ticker else [])]
+        tasks = [*self._tasks.values(), *(t for t in (self._ticker, self._watch_task) if t)]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -165,6 +204,7 @@ class Scraper:
     async def scrape_once(self, rec: BackendRecord, url: str) -> str:
         assert self._session is not None
         generation = self.registry.begin_scrape(rec)
+        started = asyncio.get_running_loop().time()
         result = "ok"
         try:
             async with self._session.get(url, timeout=self.timeout) as resp:
@@ -175,12 +215,15 @@ class Scraper:
                     body = await read_bounded(resp, self.max_bytes)
                     metrics = parse_vllm_metrics(body.decode("utf-8", "replace"))
                     self.registry.record_success(rec, metrics, generation)
-        except aiohttp.ConnectionTimeoutError:
-            result = "connect_timeout"
-            self.registry.record_failure(rec, "connect timeout", timeout=False, down=True)
-        except TimeoutError:
-            result = "timeout"
-            self.registry.record_failure(rec, "timeout", timeout=True)
+        except TimeoutError as exc:
+            if self.watch.stalled_since(started):
+                result = "service_stalled"  # our loop was late, not the backend: blame no one
+            elif isinstance(exc, aiohttp.ConnectionTimeoutError):
+                result = "connect_timeout"
+                self.registry.record_failure(rec, "connect timeout", timeout=False, down=True)
+            else:
+                result = "timeout"
+                self.registry.record_failure(rec, "timeout", timeout=True)
         except aiohttp.ClientConnectorError as exc:
             result = "refused"
             self.registry.record_failure(rec, f"cannot connect: {exc.os_error}", timeout=False, down=True)

@@ -52,7 +52,17 @@ def test_a_timed_out_scrape_makes_the_idle_looking_backend_suspect_and_excluded(
     assert pick(reg).backend.endpoint == "10.0.0.2:8000"
 
 
-def test_when_every_backend_is_suspect_they_are_valued_at_the_worst_load():
+def test_a_suspect_backend_is_never_valued_below_the_busiest_answering_one():
+    reg, _ = registry(3)
+    for i, running in enumerate([5, 0, 30]):
+        scrape_ok(reg, i, vm(running=running))
+    reg.record_failure(reg.records[1], "timeout", timeout=True)  # looked idle, then stalled
+    assert [v.running for v in reg.snapshot().backends] == [5.0, 30.0, 30.0]
+
+
+def test_when_every_backend_is_suspect_their_own_ranking_survives():
+    # E.g. the service itself was starved and every scrape timed out at once: still prefer the
+    # server that was least loaded, never spread uniformly (or pile onto the busy one).
     reg, _ = registry(3)
     for i, running in enumerate([5, 0, 30]):
         scrape_ok(reg, i, vm(running=running))
@@ -60,8 +70,8 @@ def test_when_every_backend_is_suspect_they_are_valued_at_the_worst_load():
         reg.record_failure(rec, "timeout", timeout=True)
     snap = reg.snapshot()
     assert all(v.suspect for v in snap.backends) and len(snap.eligible) == 3
-    # The one that looked idle is no longer preferred: nobody looks better than the busiest.
-    assert [v.running for v in snap.backends] == [30.0, 30.0, 30.0]
+    assert [v.running for v in snap.backends] == [5.0, 0.0, 30.0]
+    assert {pick(reg, seed=s).backend.endpoint for s in range(20)} == {"10.0.0.2:8000"}
 
 
 def test_refused_or_unreachable_is_unhealthy_at_once_and_http_errors_after_three():
@@ -286,3 +296,64 @@ async def test_grpc_accepts_a_message_as_large_as_the_body_limit():
             await call.done_writing()
     finally:
         await server.stop(None)
+
+
+async def test_a_timeout_during_the_services_own_stall_blames_no_backend():
+    # Our event loop is blocked past the scrape timeout (a CPU-starved host): whatever the
+    # backend did, we cannot tell, so the scrape is "service_stalled" and the backend stays as
+    # it was. (The server never answers here so that the timeout is certain.)
+    release = asyncio.Event()
+
+    async def handler(_: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(body=FIXTURE_PAGE)
+
+    async with http_server(handler) as url:
+        reg, _ = registry(0)
+        reg.set_backends([url])
+        metrics = Metrics()
+        scraper = Scraper(reg, metrics, interval=10, timeout=0.2)
+        scraper._session = __import__("aiohttp").ClientSession()
+        watch = asyncio.create_task(scraper.watch.run())
+        try:
+            await asyncio.sleep(0.1)
+            rec = reg.records[0]
+
+            async def stall_soon():
+                await asyncio.sleep(0)
+                __import__("time").sleep(0.5)  # blocks the loop: nothing else can run
+
+            stall = asyncio.create_task(stall_soon())
+            result = await scraper.scrape_once(rec, url + "/metrics")
+            await stall
+            # Without a stall the same hang is the backend's fault (once the watch saw the stall end).
+            async with asyncio.timeout(5):
+                while scraper.watch.last_stall_end == float("-inf"):
+                    await asyncio.sleep(0.01)
+            assert await scraper.scrape_once(rec, url + "/metrics") == "timeout" and rec.suspect
+        finally:
+            release.set()
+            watch.cancel()
+            await scraper._session.close()
+    assert result == "service_stalled"
+    assert metrics.registry.get_sample_value(
+        "extproc_scrapes_total", {"backend": rec.endpoint, "result": "service_stalled"}
+    ) == 1
+
+
+def test_loop_watch_reports_a_stall_and_an_overdue_tick():
+    seen = []
+    w = __import__("extproc.scraper", fromlist=["LoopWatch"]).LoopWatch(0.05, 0.1, seen.append)
+
+    async def main():
+        task = asyncio.create_task(w.run())
+        await asyncio.sleep(0.12)
+        t0 = asyncio.get_running_loop().time()
+        assert not w.stalled_since(t0)
+        __import__("time").sleep(0.3)
+        assert w.stalled_since(t0)  # overdue right now, before the watch could run
+        await asyncio.sleep(0.1)
+        assert w.stalled_since(t0) and max(seen) > 0.2  # and recorded once it ran
+        task.cancel()
+
+    asyncio.run(main())

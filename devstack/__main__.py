@@ -1,7 +1,11 @@
 """``python -m devstack`` (= ``make run``): 3 simulators + the service + Envoy on loopback.
 
 Prints the gateway URL and a curl line, keeps every process log in files, and stops everything
-cleanly on Ctrl-C or SIGTERM.
+cleanly on Ctrl-C or SIGTERM - and only then: when a child dies or hangs, a line on the terminal
+says which one and how (exit code, signal, "not answering /health ... (process state:
+stopped)"), the rest keeps serving, and a dead service or Envoy is restarted automatically
+(``--no-restart`` turns that off; simulators are never restarted, their death is what the
+service routes around).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from devstack.processes import ProcessStartError, port_is_free
-from devstack.stack import Stack
+from devstack.stack import Stack, Supervisor, stack_watches
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -46,6 +50,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--envoy-concurrency", type=int, default=None, help="Envoy worker threads (Envoy default)"
+    )
+    p.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="do not restart the service or Envoy when they die (they are reported either way)",
+    )
+    p.add_argument(
+        "--hang-after",
+        type=float,
+        default=3.0,
+        help="report a process whose health endpoint has not answered for this long (3 s)",
     )
     return p.parse_args(argv)
 
@@ -117,21 +132,25 @@ def main(argv: list[str] | None = None) -> int:
             f"  logs:            {args.log_dir}/*.log\n\n"
             "Try (-i shows the x-routing-strategy / x-routing-reason / x-routed-endpoint headers):\n\n"
             f"  curl -i {stack.url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'\n\n"
-            "Ctrl-C stops everything.",
+            "A process that dies or hangs is reported here; the rest keeps serving"
+            + ("." if args.no_restart else "; the service and Envoy are restarted automatically.")
+            + "\nCtrl-C stops everything.",
             flush=True,
         )
-        # Supervise: a child that dies is reported instead of leaving a half-working stack.
+
+        def say(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        # Supervise until Ctrl-C/SIGTERM: a child's death or hang is reported, never fatal.
+        supervisor = Supervisor(
+            stack_watches(
+                stack, restart_service=not args.no_restart, restart_envoy=not args.no_restart
+            ),
+            say=say,
+            hang_after=args.hang_after,
+        )
         while not stop.wait(0.5):
-            dead = stack.dead()
-            if dead:
-                for proc in dead:
-                    print(
-                        f"\ndevstack: {proc.name} exited with code {proc.returncode}; last log lines "
-                        f"({proc.log_path}):\n{proc.log_tail(20)}",
-                        file=sys.stderr,
-                    )
-                code = 1
-                break
+            supervisor.check()
     except KeyboardInterrupt:
         pass
     except ProcessStartError as exc:

@@ -166,6 +166,9 @@ class Proc:
     ) -> None:
         self.name = name
         self.argv = list(argv)
+        self.log_dir = Path(log_dir)
+        self.env = dict(env) if env else None
+        self.cwd = cwd
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path: Path = log_dir / f"{name}.log"
@@ -227,6 +230,39 @@ class Proc:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, sig)
 
+    def send_signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the whole process group (fault injection: SIGKILL, SIGSTOP, SIGCONT,
+        SIGTERM). No-op once the process has been reaped."""
+        if self.popen.poll() is None:
+            self._signal_group(sig)
+
+    def state(self) -> str:
+        """Kernel state of the leader: ``running``, ``sleeping``, ``stopped``, ``zombie``,
+        ``exited`` (``/proc/<pid>/stat``; ``unknown`` where /proc is missing)."""
+        if self.popen.poll() is not None:
+            return "exited"
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text(encoding="ascii", errors="replace")
+        except OSError:
+            return "unknown"
+        code = stat.rpartition(")")[2].split()[0:1]
+        return {
+            "R": "running", "S": "sleeping", "D": "disk-wait", "T": "stopped", "t": "stopped",
+            "Z": "zombie", "X": "dead", "I": "idle",
+        }.get(code[0] if code else "", "unknown")
+
+    def exit_description(self) -> str:
+        """``exited with code 3`` / ``killed by SIGKILL (exit -9)`` / ``running``."""
+        return describe_exit(self.returncode)
+
+    def respawn(self) -> Proc:
+        """Start the same command again (same name, log file appended, same readiness check);
+        returns the new, not yet ready, Proc. The old one must have exited."""
+        new = Proc(self.name, self.argv, log_dir=self.log_dir, env=self.env, cwd=self.cwd)
+        new.ready_check = self.ready_check
+        new.ready_what = self.ready_what
+        return new
+
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> int | None:
         """SIGTERM the process group, SIGKILL it after ``timeout``; returns the exit code.
 
@@ -261,6 +297,19 @@ class Proc:
 
     def __repr__(self) -> str:
         return f"Proc({self.name!r}, pid={self.pid}, returncode={self.returncode})"
+
+
+def describe_exit(returncode: int | None) -> str:
+    """Human wording of a Popen return code (negative = killed by that signal)."""
+    if returncode is None:
+        return "running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name} (exit {returncode})"
+    return f"exited with code {returncode}"
 
 
 @atexit.register

@@ -1,20 +1,29 @@
-"""The whole local stack: N vLLM simulators + the ext_proc service + Envoy, on loopback."""
+"""The whole local stack: N vLLM simulators + the ext_proc service + Envoy, on loopback.
+
+Also the supervisor of ``make run`` (:class:`Supervisor`): it watches every process of a stack,
+says on the terminal when one dies (exit code or signal) or stops answering its health endpoint
+(hung, e.g. SIGSTOP), restarts the service and Envoy when they die, and never stops the stack
+because of a child: only Ctrl-C/SIGTERM do.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from devstack.envoy_config import render_local_config
 from devstack.processes import (
     DEFAULT_START_TIMEOUT,
     PortInUseError,
     Proc,
+    describe_exit,
     free_port,
+    http_get,
     start_envoy,
     start_extproc,
     start_vllmsim,
@@ -52,10 +61,18 @@ class Stack:
     direct_port: int | None = None
     start_timeout: float = DEFAULT_START_TIMEOUT
     start_attempts: int = 3
+    # Simulators declared to the service (--backend) and to Envoy's pool but NOT started:
+    # scale-out without DNS. ``start_sim(n_backends + k)`` starts the k-th one later.
+    standby_backends: int = 0
+    # Service replicas behind Envoy's `extproc` cluster (rolling restarts). Extra replicas get
+    # their own gRPC and admin ports; ``service_ports`` pins them as [(grpc, admin), ...].
+    service_replicas: int = 1
+    service_ports: Sequence[tuple[int, int]] | None = None
 
     # Filled by start().
     sims: list[Proc] = field(default_factory=list, init=False)
-    service: Proc | None = field(default=None, init=False)
+    standby: list[Proc | None] = field(default_factory=list, init=False)
+    services: list[Proc | None] = field(default_factory=list, init=False)
     envoy: Proc | None = field(default=None, init=False)
     envoy_config: str = field(default="", init=False)
     _ports: dict[str, int] = field(default_factory=dict, init=False, repr=False)
@@ -96,11 +113,54 @@ class Stack:
         return [f"127.0.0.1:{p}" for p in self._sim_ports()]
 
     @property
+    def all_sim_urls(self) -> list[str]:
+        """Every declared simulator, standby ones included (what the service is told)."""
+        return [f"http://127.0.0.1:{p}" for p in self._all_sim_ports()]
+
+    @property
+    def all_sim_endpoints(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self._all_sim_ports()]
+
+    @property
+    def service(self) -> Proc | None:
+        """The first service replica (the only one unless ``service_replicas`` > 1)."""
+        return self.services[0] if self.services else None
+
+    @service.setter
+    def service(self, proc: Proc | None) -> None:
+        if self.services:
+            self.services[0] = proc
+        else:
+            self.services = [proc]
+
+    def service_admin_url(self, replica: int = 0) -> str:
+        key = "service_admin" if replica == 0 else f"service_admin{replica}"
+        return f"http://127.0.0.1:{self._ports[key]}"
+
+    def service_grpc_port(self, replica: int = 0) -> int:
+        return self._ports["grpc" if replica == 0 else f"grpc{replica}"]
+
+    @property
     def procs(self) -> list[Proc]:
-        return [*self.sims, *(p for p in (self.service, self.envoy) if p is not None)]
+        return [
+            *self.sims,
+            *(p for p in self.standby if p is not None),
+            *(p for p in self.services if p is not None),
+            *([self.envoy] if self.envoy is not None else []),
+        ]
 
     def _sim_ports(self) -> list[int]:
         return [self._ports[f"sim{i}"] for i in range(self.n_backends)]
+
+    def _all_sim_ports(self) -> list[int]:
+        return [self._ports[f"sim{i}"] for i in range(self.n_backends + self.standby_backends)]
+
+    def sim_proc(self, i: int) -> Proc | None:
+        """Simulator ``i`` counting standby ones after the started ones (None: not running)."""
+        return self.sims[i] if i < self.n_backends else self.standby[i - self.n_backends]
+
+    def _sim_extra_args(self, i: int) -> list[str]:
+        return [*self.common_sim_args, *(self.sim_args[i] if i < len(self.sim_args) else ())]
 
     # ----------------------------------------------------------------- lifecycle
     def _pick_ports(self) -> None:
@@ -112,12 +172,21 @@ class Stack:
         }
         if self.direct_listener:
             fixed["direct"] = self.direct_port
-        if self.sim_ports is not None and len(self.sim_ports) != self.n_backends:
+        if self.sim_ports is not None and len(self.sim_ports) not in (
+            self.n_backends,
+            self.n_backends + self.standby_backends,
+        ):
             raise ValueError(
                 f"sim_ports has {len(self.sim_ports)} entries, n_backends={self.n_backends}"
             )
-        for i in range(self.n_backends):
-            fixed[f"sim{i}"] = self.sim_ports[i] if self.sim_ports is not None else None
+        for j in range(1, self.service_replicas):
+            pinned = self.service_ports[j] if self.service_ports is not None else (None, None)
+            fixed[f"grpc{j}"], fixed[f"service_admin{j}"] = pinned
+        for i in range(self.n_backends + self.standby_backends):
+            pinned_sim = (
+                self.sim_ports[i] if self.sim_ports is not None and i < len(self.sim_ports) else None
+            )
+            fixed[f"sim{i}"] = pinned_sim
         chosen: dict[str, int] = {}
         for key, port in fixed.items():
             if port is None:
@@ -133,6 +202,8 @@ class Stack:
             and None
             not in (self.grpc_port, self.service_admin_port, self.envoy_port, self.envoy_admin_port)
             and (not self.direct_listener or self.direct_port is not None)
+            and len(self.sim_ports) == self.n_backends + self.standby_backends
+            and (self.service_replicas == 1 or self.service_ports is not None)
         )
 
     def start(self) -> Stack:
@@ -157,35 +228,91 @@ class Stack:
         log_dir = Path(self.log_dir)
         # Launch all simulators first, then wait: they boot in parallel.
         for i, port in enumerate(self._sim_ports()):
-            extra = [*self.common_sim_args, *(self.sim_args[i] if i < len(self.sim_args) else ())]
-            self.sims.append(start_vllmsim(port, args=extra, log_dir=log_dir, wait=False))
+            self.sims.append(
+                start_vllmsim(port, args=self._sim_extra_args(i), log_dir=log_dir, wait=False)
+            )
+        self.standby = [None] * self.standby_backends
         for sim in self.sims:
             sim.wait_ready(self.start_timeout)
 
-        self.service = start_extproc(
-            grpc_port=self._ports["grpc"],
-            admin_port=self._ports["service_admin"],
-            backends=self.sim_urls,
+        # Replicas boot in parallel too.
+        self.services = [self._launch_service(j) for j in range(self.service_replicas)]
+        for svc in self.services:
+            if svc is not None:
+                svc.wait_ready(self.start_timeout)
+
+        self.envoy_config = self._render_envoy()
+        self.envoy = self._launch_envoy()
+
+    def _launch_service(self, replica: int, *, wait: bool = False) -> Proc:
+        return start_extproc(
+            grpc_port=self.service_grpc_port(replica),
+            admin_port=self._ports["service_admin" if replica == 0 else f"service_admin{replica}"],
+            backends=self.all_sim_urls,
             args=self.service_args,
-            log_dir=log_dir,
+            log_dir=Path(self.log_dir),
+            name="extproc" if replica == 0 else f"extproc-{replica}",
             timeout=self.start_timeout,
+            wait=wait,
         )
 
-        self.envoy_config = render_local_config(
-            listener_port=self._ports["envoy"],
-            admin_port=self._ports["envoy_admin"],
-            extproc_address=("127.0.0.1", self._ports["grpc"]),
-            backends=[("127.0.0.1", p) for p in self._sim_ports()],
-            direct_listener_port=self._ports.get("direct"),
-        )
-        self.envoy = start_envoy(
+    def _launch_envoy(self) -> Proc:
+        return start_envoy(
             self.envoy_config,
-            log_dir=log_dir,
+            log_dir=Path(self.log_dir),
             admin_port=self._ports["envoy_admin"],
             concurrency=self.envoy_concurrency,
             log_level=self.envoy_log_level,
             timeout=self.start_timeout,
         )
+
+    def _render_envoy(self) -> str:
+        extproc = [("127.0.0.1", self.service_grpc_port(j)) for j in range(self.service_replicas)]
+        kwargs: dict[str, Any] = {
+            "listener_port": self._ports["envoy"],
+            "admin_port": self._ports["envoy_admin"],
+            "backends": [("127.0.0.1", p) for p in self._all_sim_ports()],
+            "direct_listener_port": self._ports.get("direct"),
+        }
+        if len(extproc) == 1:
+            return render_local_config(extproc_address=extproc[0], **kwargs)
+        # Several replicas: the renderer puts one loopback endpoint per gRPC port into the
+        # `extproc` cluster.
+        return render_local_config(grpc_ports=[p for _, p in extproc], **kwargs)
+
+    # ----------------------------------------------------------------- fault injection / repair
+    def start_sim(self, i: int, extra_args: Sequence[str] = (), *, wait: bool = True) -> Proc:
+        """(Re)start simulator ``i`` (standby ones count after the started ones) on its port
+        with its usual arguments plus ``extra_args``. The old process must have exited."""
+        old = self.sim_proc(i)
+        if old is not None and old.alive():
+            raise RuntimeError(f"{old.name} is still running; stop it first")
+        port = self._all_sim_ports()[i]
+        proc = start_vllmsim(
+            port, args=[*self._sim_extra_args(i), *extra_args], log_dir=Path(self.log_dir),
+            timeout=self.start_timeout, wait=False,
+        )
+        if i < self.n_backends:
+            self.sims[i] = proc
+        else:
+            self.standby[i - self.n_backends] = proc
+        return proc.wait_ready(self.start_timeout) if wait else proc
+
+    def start_service(self, replica: int = 0, *, wait: bool = True) -> Proc:
+        """(Re)start service replica ``replica`` on its ports (the old one must have exited)."""
+        old = self.services[replica] if replica < len(self.services) else None
+        if old is not None and old.alive():
+            raise RuntimeError(f"{old.name} is still running; stop it first")
+        proc = self._launch_service(replica)
+        self.services[replica] = proc
+        return proc.wait_ready(self.start_timeout) if wait else proc
+
+    def start_envoy_again(self) -> Proc:
+        """Restart Envoy with the same config (the old one must have exited)."""
+        if self.envoy is not None and self.envoy.alive():
+            raise RuntimeError("envoy is still running; stop it first")
+        self.envoy = self._launch_envoy()
+        return self.envoy
 
     def stop(self) -> None:
         """Stop Envoy first (no new traffic), then the service, then the simulators."""
@@ -193,7 +320,8 @@ class Stack:
             with contextlib.suppress(Exception):
                 proc.stop()
         self.sims = []
-        self.service = None
+        self.standby = []
+        self.services = []
         self.envoy = None
 
     def dead(self) -> list[Proc]:
@@ -222,3 +350,156 @@ class Stack:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# ===================================================================================== supervision
+@dataclass
+class Watch:
+    """One supervised process: how to find it, probe it and (optionally) restart it."""
+
+    label: str  # "vLLM simulator 1", "service", "Envoy"
+    get: Callable[[], Proc | None]
+    health_url: str
+    restart: Callable[[], Proc] | None = None
+    # Filled by the supervisor.
+    reported_dead: bool = False
+    failing_since: float | None = None
+    reported_hung: bool = False
+    restarts: list[float] = field(default_factory=list)
+
+
+class Supervisor:
+    """Watches processes; reports deaths and hangs; restarts what may be restarted.
+
+    ``check()`` does one round (call it every ~0.5 s). It never raises because of a child:
+    a dead simulator is reported once and left dead (the service routes around it); a dead
+    process with a ``restart`` callable is restarted, at most ``max_restarts`` times per
+    ``restart_window`` seconds (then it is left dead and that is said too); a live process whose
+    health endpoint fails for ``hang_after`` seconds is reported as not answering (with its
+    kernel state, so a SIGSTOPped one reads "stopped"), and reported again when it recovers.
+    Every message goes to ``say`` (one line each, prefixed ``devstack:``).
+    """
+
+    def __init__(
+        self,
+        watches: Sequence[Watch],
+        *,
+        say: Callable[[str], None],
+        hang_after: float = 3.0,
+        probe_timeout: float = 0.5,
+        max_restarts: int = 5,
+        restart_window: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.watches = list(watches)
+        self.say = say
+        self.hang_after = hang_after
+        self.probe_timeout = probe_timeout
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.clock = clock
+
+    def _alive_labels(self) -> list[str]:
+        out = []
+        for w in self.watches:
+            p = w.get()
+            if p is not None and p.alive():
+                out.append(w.label)
+        return out
+
+    def _emit(self, msg: str) -> None:
+        self.say(f"devstack: {msg}")
+
+    def check(self) -> None:
+        for w in self.watches:
+            proc = w.get()
+            if proc is None:
+                continue  # not started (standby)
+            if not proc.alive():
+                if not w.reported_dead:
+                    w.reported_dead = True
+                    w.failing_since = None
+                    w.reported_hung = False
+                    tail = proc.log_tail(5).strip()
+                    self._emit(
+                        f"{w.label} ({proc.name}, pid {proc.pid}) {describe_exit(proc.returncode)}"
+                        + (f"; last log lines ({proc.log_path}):\n    " + tail.replace("\n", "\n    ")
+                           if tail else "")
+                    )
+                    self._maybe_restart(w, proc)
+                    self._emit("still running: " + (", ".join(self._alive_labels()) or "nothing"))
+                continue
+            w.reported_dead = False
+            ok = False
+            with contextlib.suppress(Exception):
+                ok = http_get(w.health_url, timeout=self.probe_timeout)[0] == 200
+            now = self.clock()
+            if ok:
+                if w.reported_hung:
+                    down = now - (w.failing_since or now)
+                    self._emit(f"{w.label} ({proc.name}) answers {w.health_url} again "
+                               f"(after {down:.1f} s)")
+                w.failing_since = None
+                w.reported_hung = False
+                continue
+            if w.failing_since is None:
+                w.failing_since = now
+            elif not w.reported_hung and now - w.failing_since >= self.hang_after:
+                w.reported_hung = True
+                self._emit(
+                    f"{w.label} ({proc.name}, pid {proc.pid}) has not answered {w.health_url} "
+                    f"for {now - w.failing_since:.1f} s (process state: {proc.state()}) - hung? "
+                    "The rest keeps serving."
+                )
+
+    def _maybe_restart(self, w: Watch, dead: Proc) -> None:
+        if w.restart is None:
+            self._emit(f"{w.label} is not restarted automatically; the rest keeps serving")
+            return
+        now = self.clock()
+        w.restarts = [t for t in w.restarts if now - t < self.restart_window]
+        if len(w.restarts) >= self.max_restarts:
+            self._emit(f"{w.label} died {len(w.restarts)} times within {self.restart_window:.0f} s; "
+                       "not restarting it again")
+            return
+        w.restarts.append(now)
+        self._emit(f"restarting {w.label} (automatic restart {len(w.restarts)}/{self.max_restarts}"
+                   f" per {self.restart_window:.0f} s) ...")
+        try:
+            proc = w.restart()
+        except Exception as exc:  # noqa: BLE001 - a failed restart must not stop the stack
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._emit(f"restart of {w.label} failed ({first}); leaving it down")
+            return
+        w.reported_dead = False
+        self._emit(f"{w.label} restarted ({proc.name}, pid {proc.pid})")
+
+
+def stack_watches(stack: Stack, *, restart_service: bool = True,
+                  restart_envoy: bool = True) -> list[Watch]:
+    """Watches for every process of a started stack (simulators are never restarted: their
+    death is the failure the service is built to route around)."""
+    watches: list[Watch] = []
+    ports = stack._all_sim_ports()
+    for i, port in enumerate(ports):
+        kind = "vLLM simulator" if i < stack.n_backends else "standby vLLM simulator"
+        watches.append(Watch(
+            label=f"{kind} {i + 1}",
+            get=lambda i=i: stack.sim_proc(i),
+            health_url=f"http://127.0.0.1:{port}/health",
+        ))
+    for j in range(stack.service_replicas):
+        watches.append(Watch(
+            label="service" if stack.service_replicas == 1 else f"service replica {j + 1}",
+            get=lambda j=j: stack.services[j] if j < len(stack.services) else None,
+            health_url=f"{stack.service_admin_url(j)}/healthz",
+            restart=(lambda j=j: stack.start_service(j)) if restart_service else None,
+        ))
+    watches.append(Watch(
+        label="Envoy",
+        get=lambda: stack.envoy,
+        health_url=f"{stack.envoy_admin_url}/ready",
+        restart=(lambda: stack.start_envoy_again().wait_ready(stack.start_timeout))
+        if restart_envoy else None,
+    ))
+    return watches

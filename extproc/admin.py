@@ -26,6 +26,8 @@ def backends_json(registry: BackendRegistry) -> dict[str, object]:
                 "freshness": v.freshness.value,
                 "healthy": v.healthy,
                 "overloaded": v.overloaded,
+                "suspect": v.suspect,
+                "failing": rec.failing if rec else False,
                 "age_seconds": v.age,
                 "prior": v.prior,
                 "running": v.running,

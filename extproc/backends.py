@@ -24,6 +24,11 @@ OVERLOADED_AFTER_TIMEOUTS = 3
 HISTORY_SAMPLES = 32
 # Shortest window over which a token rate is trusted (shorter deltas are mostly noise).
 MIN_RATE_WINDOW_S = 0.5
+# A server answering most requests with 5xx looks idle (failing is fast), so it would attract
+# traffic: over the sample window, this many 5xx POSTs making at least this share of the
+# answered ones mark it *failing* (treated as suspect) until the window holds fewer.
+FAILING_MIN_ERRORS = 3
+FAILING_MIN_SHARE = 0.5
 
 
 def endpoint_of(url: str) -> str:
@@ -41,6 +46,8 @@ class _Sample:
     tokens: float | None
     ttft_sum: float | None
     ttft_count: float | None
+    post_2xx: float = 0.0
+    post_5xx: float = 0.0
 
 
 @dataclass(slots=True)
@@ -60,6 +67,7 @@ class BackendRecord:
     history: deque[_Sample] = field(default_factory=lambda: deque(maxlen=HISTORY_SAMPLES))
     token_rate: float | None = None
     ttft: float | None = None
+    failing: bool = False  # most recent POSTs answered 5xx (from http_requests_total)
     served_models: frozenset[str] = frozenset()  # ids from GET /v1/models
     adapters: frozenset[str] = frozenset()  # ids from /v1/models that have a parent (LoRA)
 
@@ -76,7 +84,7 @@ class BackendRecord:
         """From the first failed or timed-out scrape until the next good one: excluded while any
         other backend is eligible, and valued as the busiest (a vLLM whose /metrics stalls is
         saturated or hung, never idle). Refused or unreachable goes further: unhealthy at once."""
-        return self.failures > 0 or self.timeouts > 0
+        return self.failures > 0 or self.timeouts > 0 or self.failing
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +150,7 @@ class BackendRegistry:
     def record_success(self, record: BackendRecord, metrics: VllmMetrics, started_generation: int) -> None:
         now = self._clock()
         # Transitions that change eligibility are published at once, not at the next tick.
-        transition = record.last_ok is None or record.suspect
+        newcomer, was_suspect = record.last_ok is None, record.suspect
         record.metrics = metrics
         record.last_ok = now
         record.failures = 0
@@ -156,7 +164,7 @@ class BackendRegistry:
             record.pending -= record.open_by_generation.pop(g)
         self._sync_pending(record)
         self._update_windows(record, now, metrics)
-        if transition:
+        if newcomer or was_suspect != record.suspect:
             self.rebuild()  # newcomer, cold start or recovery: visible without waiting a tick
 
     def record_failure(self, record: BackendRecord, error: str, *, timeout: bool, down: bool = False) -> None:
@@ -185,8 +193,15 @@ class BackendRegistry:
         hist = record.history
         if hist and tokens is not None and hist[-1].tokens is not None and tokens < hist[-1].tokens:
             hist.clear()  # counter reset: the server restarted
-        hist.append(_Sample(now, tokens, m.ttft_sum, m.ttft_count))
+        # No series yet (no POST answered since start) counts as 0, so the first errors show.
+        ok, err = m.post_2xx or 0.0, m.post_5xx or 0.0
+        if hist and (err < hist[-1].post_5xx or ok < hist[-1].post_2xx):
+            hist.clear()  # counter reset: the server restarted
+        hist.append(_Sample(now, tokens, m.ttft_sum, m.ttft_count, ok, err))
         first = hist[0]
+        errors = err - first.post_5xx
+        answered = errors + ok - first.post_2xx
+        record.failing = errors >= FAILING_MIN_ERRORS and errors >= FAILING_MIN_SHARE * answered
         span = now - first.t
         if span >= MIN_RATE_WINDOW_S and tokens is not None and first.tokens is not None:
             record.token_rate = (tokens - first.tokens) / span

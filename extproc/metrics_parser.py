@@ -49,6 +49,10 @@ class VllmMetrics:
     lora_running: tuple[str, ...]  # vllm:lora_requests_info{running_lora_adapters} of latest sample
     lora_waiting: tuple[str, ...]  # ... waiting_lora_adapters
     max_lora: int | None  # ... max_lora
+    # http_requests_total{method="POST"} by status class (prometheus-fastapi-instrumentator in
+    # vLLM's API server): a server that fails every request fast looks idle in vllm:* gauges.
+    post_2xx: float | None = None
+    post_5xx: float | None = None
 
 
 class MetricsParseError(ValueError):
@@ -106,6 +110,13 @@ _SAMPLE_TAIL = (
 _SAMPLE_RE = re.compile(r"\n[ \t]*+vllm:(?P<name>" + _NAMES_ALT + r")" + _SAMPLE_TAIL)
 # The very first line has no "\n" before it; checked once with .match().
 _FIRST_SAMPLE_RE = re.compile(r"[ \t]*+vllm:(?P<name>" + _NAMES_ALT + r")" + _SAMPLE_TAIL)
+
+# http_requests_total lines (not a vllm:* family, so not in _SAMPLE_RE). Read leniently: a line
+# that does not fit is skipped, never an error (the page is still a usable vLLM page).
+_HTTP_RE = re.compile(r"\nhttp_requests_total\{([^}\r\n]*)\}[ \t]+([^ \t\r\n]+)")
+_HTTP_STATUS_RE = re.compile(r'status="([1-5])xx"')
+# label block -> status class digit of a POST request, or "" for anything else.
+_HTTP_CLASS_CACHE: dict[str, str] = {}
 
 _PAIR = _LNAME + r"[ \t]*=[ \t]*" + _QVALUE
 _LABELS_VALID_RE = re.compile(
@@ -271,6 +282,7 @@ def parse_vllm_metrics(text: str) -> VllmMetrics:
 
     known_blocks = [b for b in gpu_blocks_by_engine.values() if b is not None]
     lora = lora_labels or {}
+    post_2xx, post_5xx = _post_requests(text)
     return VllmMetrics(
         running=sums[_RUNNING],
         waiting=sums[_WAITING],
@@ -287,4 +299,35 @@ def parse_vllm_metrics(text: str) -> VllmMetrics:
         lora_running=_adapters(lora.get("running_lora_adapters")),
         lora_waiting=_adapters(lora.get("waiting_lora_adapters")),
         max_lora=_to_int(lora.get("max_lora")),
+        post_2xx=post_2xx,
+        post_5xx=post_5xx,
     )
+
+
+def _post_requests(text: str) -> tuple[float | None, float | None]:
+    """Sum of http_requests_total{method="POST"} with status 2xx and 5xx (None if absent)."""
+    ok = err = 0.0
+    seen = False
+    cache = _HTTP_CLASS_CACHE
+    for body, raw in _HTTP_RE.findall(text):
+        cls = cache.get(body)
+        if cls is None:
+            status = _HTTP_STATUS_RE.search(body)
+            cls = status.group(1) if status and 'method="POST"' in body else ""
+            if len(cache) >= _LABEL_CACHE_MAX:
+                cache.clear()
+            cache[body] = cls
+        if cls not in ("2", "5"):
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            continue
+        if value != value:  # noqa: PLR0124 -- NaN
+            continue
+        seen = True
+        if cls == "2":
+            ok += value
+        else:
+            err += value
+    return (ok, err) if seen else (None, None)

@@ -303,3 +303,30 @@ async def test_service_metrics_report_decisions(stack):
         assert "extproc_backend_healthy" in text and "extproc_scrapes_total" in text
         data = await get_json(http, s.admin_url + "/backends")
         assert len(data["backends"]) == 2 and not data["cold"]
+
+
+async def test_a_backend_failing_every_request_is_avoided_by_the_service(stack):
+    # It fails fast, so its vllm:* gauges look idle; its http_requests_total 5xx give it away.
+    # Envoy ejects it too (outlier detection), but here the SERVICE must stop picking it.
+    s = stack(n_backends=3, common_sim_args=FAST)
+    victim = s.sim_endpoints[0]
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: all_fresh(http, s.admin_url))
+        async with http.post(f"http://{victim}/sim/faults", json={"fail_rate": 1}) as r:
+            assert r.status == 200
+        errors = 0
+        for _ in range(40):  # until the victim answered a few 500s (least-loaded: it looks idle)
+            r = await post(http, s.url, headers={"x-routing-strategy": "least-request"})
+            errors += r.status == 500
+            if errors >= 3:
+                break
+        assert errors >= 3, "the idle-looking victim was never picked"
+
+        async def flagged() -> bool:
+            view = await backend_view(http, s.admin_url, victim)
+            return view["failing"] and view["suspect"]
+
+        await eventually(flagged)
+        for _ in range(10):
+            r = await post(http, s.url, headers={"x-routing-strategy": "least-request"})
+            assert r.status == 200 and r.endpoint != victim, (r.status, r.endpoint)

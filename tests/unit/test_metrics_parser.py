@@ -93,6 +93,13 @@ def reference_parse(text: str) -> VllmMetrics | None:
     def adapters(v: str | None) -> tuple[str, ...]:
         return tuple(a.strip() for a in (v or "").split(",") if a.strip())
 
+    http = [
+        s for s in samples
+        if s.name == "http_requests_total" and s.labels.get("method") == "POST" and not math.isnan(s.value)
+    ]
+    by_class = {c: [s.value for s in http if s.labels.get("status") == c] for c in ("2xx", "5xx")}
+    seen = bool(by_class["2xx"] or by_class["5xx"])
+
     return VllmMetrics(
         running=plain_sum(running),
         waiting=plain_sum(waiting),
@@ -108,6 +115,8 @@ def reference_parse(text: str) -> VllmMetrics | None:
         models=tuple(models),
         lora_running=adapters(lora.get("running_lora_adapters")),
         lora_waiting=adapters(lora.get("waiting_lora_adapters")),
+        post_2xx=plain_sum(by_class["2xx"]) if seen else None,
+        post_5xx=plain_sum(by_class["5xx"]) if seen else None,
         max_lora=to_int(lora.get("max_lora")),
     )
 
@@ -147,7 +156,7 @@ FIXTURE_CASES = [
         dict(
             running=0.0, waiting=0.0, kv_cache_usage=0.0, prompt_tokens=288.0,
             generation_tokens=2077.0, ttft_sum=0.29729700088500977, ttft_count=20.0,
-            prefix_cache_queries=288.0,
+            prefix_cache_queries=288.0, post_2xx=20.0, post_5xx=0.0,
         ),
         id="idle",
     ),
@@ -156,7 +165,7 @@ FIXTURE_CASES = [
         dict(
             running=8.0, waiting=0.0, kv_cache_usage=0.003907203907203893, prompt_tokens=368.0,
             generation_tokens=3454.0, ttft_sum=0.408794641494751, ttft_count=28.0,
-            prefix_cache_queries=368.0,
+            prefix_cache_queries=368.0, post_2xx=20.0, post_5xx=0.0,
         ),
         id="busy",
     ),

@@ -357,3 +357,54 @@ def test_loop_watch_reports_a_stall_and_an_overdue_tick():
         task.cancel()
 
     asyncio.run(main())
+
+
+# -- a server that fails every request fast looks idle: its 5xx counters give it away ----------
+def page(post_2xx: float, post_5xx: float) -> str:
+    return (
+        'vllm:num_requests_running{engine="0",model_name="m"} 0.0\n'
+        f'http_requests_total{{handler="/v1/chat/completions",method="POST",status="2xx"}} {post_2xx}\n'
+        f'http_requests_total{{handler="/v1/chat/completions",method="POST",status="5xx"}} {post_5xx}\n'
+        'http_requests_total{handler="/metrics",method="GET",status="2xx"} 999.0\n'
+        'http_requests_total{handler="/v1/completions",method="POST",status="4xx"} 7.0\n'
+    )
+
+
+def test_parser_reads_post_requests_by_status_class_leniently():
+    from extproc.metrics_parser import parse_vllm_metrics
+
+    m = parse_vllm_metrics(page(10, 4))
+    assert (m.post_2xx, m.post_5xx) == (10.0, 4.0)  # GET /metrics and 4xx are not counted
+    bad = parse_vllm_metrics(page(10, 4).replace("} 4", "} four"))  # skipped, not an error
+    assert (bad.post_2xx, bad.post_5xx) == (10.0, 0.0)
+    real = parse_vllm_metrics(FIXTURE_PAGE.decode())
+    assert (real.post_2xx, real.post_5xx) == (20.0, 0.0)
+    none = parse_vllm_metrics('vllm:num_requests_running{engine="0"} 1\n')
+    assert (none.post_2xx, none.post_5xx) == (None, None)
+
+
+def test_a_server_answering_5xx_is_failing_and_excluded_until_its_errors_age_out():
+    from extproc.backends import HISTORY_SAMPLES
+    from extproc.metrics_parser import parse_vllm_metrics
+
+    reg, clock = registry(2)
+    for i in range(2):
+        scrape_ok(reg, i, parse_vllm_metrics(page(10, 0)))
+    scrape_ok(reg, 0, parse_vllm_metrics(page(10, 2)))  # two errors: not yet
+    assert not reg.records[0].failing
+    scrape_ok(reg, 0, parse_vllm_metrics(page(11, 4)))  # 4 of 5 answered since the start: failing
+    assert reg.records[0].failing and reg.snapshot().backends[0].suspect
+    assert {pick(reg, seed=s).backend.endpoint for s in range(20)} == {"10.0.0.2:8000"}
+    for _ in range(HISTORY_SAMPLES):  # no new errors: they leave the window
+        clock.advance(0.1)
+        scrape_ok(reg, 0, parse_vllm_metrics(page(11, 4)))
+    assert not reg.records[0].failing and not reg.snapshot().backends[0].suspect
+
+
+def test_a_few_errors_among_many_successes_are_not_failing():
+    from extproc.metrics_parser import parse_vllm_metrics
+
+    reg, _ = registry(1)
+    scrape_ok(reg, 0, parse_vllm_metrics(page(0, 0)))
+    scrape_ok(reg, 0, parse_vllm_metrics(page(100, 5)))
+    assert not reg.records[0].failing

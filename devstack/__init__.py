@@ -24,6 +24,12 @@ Whole stack
         stack.sims, stack.service, stack.envoy   # Proc objects (stop one to inject a failure)
         stack.log_tails()    # last lines of every log, for failure reports
 
+Faults and scale-out (bench/bench_faults.py, bench/bench_soak.py): ``standby_backends=N`` declares N
+more simulators to the service and to Envoy without starting them (start one mid-run to scale
+out); ``service_replicas=2`` runs two service replicas behind Envoy's ``extproc`` cluster (rolling
+restarts); ``stack.services`` lists the replicas. Simulators take ``POST /sim/faults`` to switch
+faults at run time (docs/vllmsim.md). The docstrings in ``stack.py`` list the restart helpers.
+
 Ports left unset are picked free (and the start is retried with new ports if one got taken);
 set ``sim_ports``, ``grpc_port``, ``service_admin_port``, ``envoy_port``, ``envoy_admin_port``,
 ``direct_port`` to pin them. ``envoy_concurrency`` (default 1) sets Envoy's worker threads.

@@ -132,7 +132,7 @@ def _continue(kind: str) -> bytes:
     return b""
 
 
-CONTINUE_FOR = _CONTINUE = {
+CONTINUE_FOR = {  # a plain CONTINUE answer per message kind (also the shell's last net)
     k: _continue(k)
     for k in (
         "request_headers", "request_body", "response_headers", "response_body", "request_trailers", "response_trailers"
@@ -193,7 +193,7 @@ class Processor:
             return self.on_request_headers(req.request_headers, state)
         if kind == "request_body" and state.awaiting_body:
             return self.on_request_body(req.request_body, state)
-        return Outcome(_CONTINUE.get(kind or "", b""))
+        return Outcome(CONTINUE_FOR.get(kind or "", b""))
 
     # -- phases ------------------------------------------------------------------------
     def on_request_headers(self, msg: ep.HttpHeaders, state: StreamState) -> Outcome:
@@ -206,7 +206,7 @@ class Processor:
         if state.body_mode in _BUFFERED_MODES and not msg.end_of_stream and path in LLM_PATHS:
             # Decide when the body arrives: the model, prompt and user live there.
             state.headers, state.strategy, state.awaiting_body = headers, strategy, True
-            return Outcome(_CONTINUE["request_headers"])
+            return Outcome(CONTINUE_FOR["request_headers"])
         facts = RequestFacts(seq=self._next_seq(), path=path, headers=headers, session_key=headers.get(SESSION_HEADER) or None)
         return self._route(strategy, facts, state.route, "request_headers", started)
 
@@ -295,7 +295,7 @@ class Processor:
             # No destination: Envoy's override_host falls back to its own policy over the
             # cluster it knows (503 as OpenAI JSON from Envoy if that is empty too).
             self.metrics.decided(strategy.name, "no-backends", self._clock() - started)
-            return Outcome(_CONTINUE[phase])
+            return Outcome(CONTINUE_FOR[phase])
         except UnknownModel as exc:
             self.metrics.rejected("model-not-found")
             return Outcome(self._model_not_found(exc))

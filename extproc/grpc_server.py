@@ -128,7 +128,18 @@ def build_server(
     return server, health_servicer, handler
 
 
-async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, status)
+# grpc.health.v1 service names, as gateways and kubelets probe them: readiness for "", the
+# ext_proc service and "readiness" (Envoy's health check of the extproc cluster uses ""); the
+# process being alive for "liveness" (it stays SERVING while draining: a kubelet must not kill
+# a replica that is finishing its requests).
+READINESS_NAMES = ("", SERVICE_NAME, "readiness")
+LIVENESS_NAME = "liveness"
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool, *, alive: bool = True) -> None:
+    def status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+        return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    for name in READINESS_NAMES:
+        await health_servicer.set(name, status(serving))
+    await health_servicer.set(LIVENESS_NAME, status(alive))

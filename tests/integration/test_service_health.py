@@ -133,3 +133,25 @@ async def test_streams_still_open_after_the_grace_end_with_status_ok(log_dir: Pa
         assert "ended 1 open streams with status OK" in proc.log_path.read_text()
     finally:
         proc.stop()
+
+
+async def test_health_answers_the_names_gateways_and_kubelets_probe(log_dir: Path) -> None:
+    grpc_port, admin_port = free_port(), free_port()
+    proc = start_extproc(
+        grpc_port=grpc_port, admin_port=admin_port, backends=[f"http://127.0.0.1:{free_port()}"],
+        args=["--drain-seconds", "3"], log_dir=log_dir,
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            for name in ("", SERVICE_NAME, "readiness", "liveness"):
+                assert await health_of(channel, name) == SERVING, name
+            proc.send_signal(signal.SIGTERM)
+
+            async def not_ready() -> bool:
+                return await health_of(channel, "readiness") == NOT_SERVING
+
+            await wait_for(not_ready, 2, "readiness NOT_SERVING after SIGTERM")
+            # Draining is not dead: a kubelet's liveness probe must not restart it meanwhile.
+            assert await health_of(channel, "liveness") == SERVING
+    finally:
+        proc.stop()

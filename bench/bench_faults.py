@@ -168,14 +168,8 @@ async def _one(session: Any, url: str, body: bytes, stream: bool, rec: Rec, t0: 
                     st.on_event(ev, t)
                 rec.ttft = st.ttft
                 rec.e2e = t - t0 - rec.sent
-                if st.error:
-                    rec.error = f"stream error: {st.error}"
-                elif not st.done:
-                    rec.error = "incomplete: stream ended without [DONE]"
-                elif st.first_token is None:
-                    rec.error = "empty: no generated text"
-                else:
-                    rec.ok = True
+                rec.error = st.failure()
+                rec.ok = rec.error is None
     except TimeoutError:
         rec.error = "timeout"
     except asyncio.CancelledError:

@@ -112,6 +112,16 @@ class StreamTimings:
     error: str | None = None  # an error object inside the stream
     finish_reason: str | None = None
 
+    def failure(self) -> str | None:
+        """Why the finished stream does not count as a success (None: it does)."""
+        if self.error:
+            return f"stream error: {self.error}"
+        if not self.done:
+            return "incomplete: stream ended without [DONE]"
+        if self.first_token is None:
+            return "empty: no generated text"
+        return None
+
     def on_event(self, payload: bytes, t: float) -> None:
         """Account one SSE ``data`` payload received at time ``t``."""
         if payload == b"[DONE]":
@@ -344,14 +354,8 @@ async def _one(
         _fill(res, st, None)
         return res
     _fill(res, st, end)
-    if st.error:
-        res.error = f"stream error: {st.error}"
-    elif not st.done:
-        res.error = "incomplete: stream ended without [DONE]"
-    elif st.first_token is None:
-        res.error = "empty: no generated text"
-    else:
-        res.ok = True
+    res.error = st.failure()
+    res.ok = res.error is None
     return res
 
 

@@ -18,7 +18,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devstack.processes import free_port, start_extproc
+from devstack.processes import Proc, free_port, start_extproc
 from extproc.grpc_server import SERVICE_NAME
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,8 @@ async def health_of(channel: grpc.aio.Channel, service: str = "") -> int:
     return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)).status
 
 
-async def decide(channel: grpc.aio.Channel) -> ep.ProcessingResponse:
+async def open_decided_stream(channel: grpc.aio.Channel) -> tuple[grpc.aio.StreamStreamCall, ep.ProcessingResponse]:
+    """A Process stream that sent request headers (as Envoy does) and read the answer; still open."""
     call = channel.stream_stream(
         f"/{SERVICE_NAME}/Process",
         request_serializer=ep.ProcessingRequest.SerializeToString,
@@ -40,7 +41,11 @@ async def decide(channel: grpc.aio.Channel) -> ep.ProcessingResponse:
     )()
     hv = [base_pb2.HeaderValue(key=":path", raw_value=b"/v1/models")]
     await call.write(ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv))))
-    resp = await asyncio.wait_for(call.read(), 5)
+    return call, await asyncio.wait_for(call.read(), 5)
+
+
+async def decide(channel: grpc.aio.Channel) -> ep.ProcessingResponse:
+    call, resp = await open_decided_stream(channel)
     await call.done_writing()
     return resp
 
@@ -54,6 +59,14 @@ async def wait_for(predicate, timeout: float, what: str):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def exits_cleanly(proc: Proc, timeout: float) -> None:
+    async def exited() -> bool:
+        return not proc.alive()
+
+    await wait_for(exited, timeout, f"{proc.name} to exit")
+    assert proc.returncode == 0, proc.log_tail()
 
 
 async def test_sigterm_flips_health_at_once_keeps_answering_then_exits(log_dir: Path) -> None:
@@ -81,10 +94,7 @@ async def test_sigterm_flips_health_at_once_keeps_answering_then_exits(log_dir: 
                 "x-gateway-destination-endpoint"
             )
             assert time.monotonic() - t0 < 3, "the decision above must fall inside the drain period"
-        deadline = time.monotonic() + 15
-        while proc.alive() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert proc.returncode == 0, proc.log_tail()
+        await exits_cleanly(proc, 15)
         assert time.monotonic() - t0 >= 3 - 0.1, "stopped before the drain period ended"
         assert "draining" in proc.log_path.read_text()
     finally:
@@ -115,21 +125,12 @@ async def test_streams_still_open_after_the_grace_end_with_status_ok(log_dir: Pa
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            call = channel.stream_stream(
-                f"/{SERVICE_NAME}/Process",
-                request_serializer=ep.ProcessingRequest.SerializeToString,
-                response_deserializer=ep.ProcessingResponse.FromString,
-            )()
-            hv = [base_pb2.HeaderValue(key=":path", raw_value=b"/v1/models")]
-            await call.write(ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv))))
-            assert (await asyncio.wait_for(call.read(), 5)).HasField("request_headers")
+            call, answer = await open_decided_stream(channel)
+            assert answer.HasField("request_headers")
             proc.send_signal(signal.SIGTERM)  # the stream stays open, like a long generation
             assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
             assert await call.code() == grpc.StatusCode.OK
-        deadline = time.monotonic() + 10
-        while proc.alive() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert proc.returncode == 0, proc.log_tail()
+        await exits_cleanly(proc, 10)
         assert "ended 1 open streams with status OK" in proc.log_path.read_text()
     finally:
         proc.stop()

@@ -18,7 +18,6 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
@@ -26,6 +25,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from devstack.processes import free_port
 from extproc.app import run
 from extproc.config import load_settings
+
+from .e2e import ok_scrapes
 
 pytestmark = pytest.mark.integration
 
@@ -121,14 +122,8 @@ class Service:
 
     async def ok_scrapes(self) -> float:
         """Good scrapes the service counted (``extproc_scrapes_total{result="ok"}``), all backends."""
-        async with aiohttp.ClientSession() as s, s.get(self.admin_url + "/metrics") as r:
-            text = await r.text()
-        return sum(
-            sample.value
-            for fam in text_string_to_metric_families(text)
-            for sample in fam.samples
-            if sample.name == "extproc_scrapes_total" and sample.labels.get("result") == "ok"
-        )
+        async with aiohttp.ClientSession() as s:
+            return await ok_scrapes(s, self.admin_url)
 
     async def backends(self) -> dict:
         async with aiohttp.ClientSession() as s, s.get(self.admin_url + "/backends") as r:

@@ -33,6 +33,7 @@ from devstack.processes import (
     start_extproc,
     start_vllmsim,
 )
+from tests.integration.e2e import Routed
 
 MODEL = "tiny-llama"
 ROOT = Path(__file__).resolve().parents[2]
@@ -237,25 +238,11 @@ def start_gateway(
 
 # ----------------------------------------------------------------------------- HTTP helpers
 @dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
+class Reply(Routed):
+    """A gateway reply (``endpoint``/``reason``/``pod`` as in the integration tests; the real
+    vLLM sends no x-inference-pod, so ``pod`` is empty for it) and when it was sent."""
+
     t: float = 0.0  # monotonic send time
-
-    @property
-    def endpoint(self) -> str:
-        """The service's choice (Envoy's x-routed-endpoint)."""
-        return self.headers.get("x-routed-endpoint", "")
-
-    @property
-    def reason(self) -> str:
-        return self.headers.get("x-routing-reason", "")
-
-    @property
-    def pod(self) -> str:
-        """Who really served it: simulators say so (x-inference-pod); real vLLM does not."""
-        return self.headers.get("x-inference-pod", "")
 
 
 def chat(text: str, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:

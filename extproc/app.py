@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 import signal
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -35,7 +36,7 @@ log = logging.getLogger("extproc")
 class Health:
     """SERVING only while the service is up, not draining, and knows at least one backend."""
 
-    def __init__(self, set_status: object, metrics: Metrics) -> None:
+    def __init__(self, set_status: Callable[[bool], Awaitable[None]], metrics: Metrics) -> None:
         self._set = set_status
         self._metrics = metrics
         self.started = False
@@ -52,7 +53,7 @@ class Health:
         async with self._lock:  # keep the order of flips when several are scheduled at once
             serving = self.serving
             if serving != self._published:
-                await self._set(serving)  # type: ignore[operator]
+                await self._set(serving)
                 self._metrics.serving.set(1 if serving else 0)
                 if self._published is not None or not serving:
                     log.info("health: %s", "SERVING" if serving else "NOT_SERVING")

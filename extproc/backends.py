@@ -18,7 +18,8 @@ from extproc.snapshot import BackendView, Freshness, Pool, Snapshot
 
 # Consecutive hard failures (HTTP error, unparsable page) before a backend is unhealthy.
 UNHEALTHY_AFTER_FAILURES = 3
-# Consecutive scrape timeouts that mark a backend "overloaded" (slow, not down).
+# Consecutive scrape timeouts that mark a backend "overloaded" (slow, not down). Reported only
+# (/backends): routing already treats it as suspect from the first timeout.
 OVERLOADED_AFTER_TIMEOUTS = 3
 # Samples kept for rate/TTFT windows; at a 0.1 s interval this is about 3 s of history.
 HISTORY_SAMPLES = 32

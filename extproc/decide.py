@@ -109,20 +109,19 @@ def decide(
     rng: random.Random,
     n_fallbacks: int = 0,
 ) -> Decision:
-    decision = _decide(strategy, fallback, facts, snap, rng)
+    if not snap.backends:
+        raise NoBackends("no backend is configured or discovered")
+    pool = pool_for(facts, snap)
+    decision = _decide(strategy, fallback, facts, snap, pool, rng)
     if n_fallbacks > 0:
-        pool = pool_for(facts, snap).eligible
-        fallbacks = rank_fallbacks(decision.backend, pool, snap, n_fallbacks, rng)
+        fallbacks = rank_fallbacks(decision.backend, pool.eligible, snap, n_fallbacks, rng)
         decision = Decision(decision.backend, decision.strategy, decision.reason, fallbacks)
     return decision
 
 
 def _decide(
-    strategy: Strategy, fallback: Strategy, facts: RequestFacts, snap: Snapshot, rng: random.Random
+    strategy: Strategy, fallback: Strategy, facts: RequestFacts, snap: Snapshot, pool: Pool, rng: random.Random
 ) -> Decision:
-    if not snap.backends:
-        raise NoBackends("no backend is configured or discovered")
-    pool = pool_for(facts, snap)
     candidates = pool.eligible
     if facts.model is not None and candidates:
         candidates = lora_affine(facts.model, candidates)

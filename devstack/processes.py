@@ -65,12 +65,22 @@ class PortInUseError(ProcessStartError):
     """The process could not bind its port (taken between free_port() and its start)."""
 
 
+# Ports handed out recently by this process: callers often pick several ports before starting
+# anything, and "free a moment ago" would let two of them get the same one.
+_handed_out: set[int] = set()
+_HANDED_OUT_MAX = 2000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on ``host`` that was free a moment ago (bounded number of probes)."""
+    """Return a TCP port on ``host`` that was free a moment ago and that this process has not
+    handed out recently (bounded number of probes)."""
     rng = random.Random()
+    if len(_handed_out) >= _HANDED_OUT_MAX:
+        _handed_out.clear()
     for _ in range(200):
         port = rng.randrange(*_PORT_RANGE)
-        if port_is_free(port, host):
+        if port not in _handed_out and port_is_free(port, host):
+            _handed_out.add(port)
             return port
     # Crowded range: fall back to the kernel's choice.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from devstack.envoy_config import DEFAULT_TEMPLATE, render_local_config, render_local_config_dict
 from devstack.processes import (
+    PortInUseError,
     Proc,
     free_port,
     http_get,
@@ -712,12 +713,20 @@ async def test_rolling_restart_of_two_service_replicas(log_dir: Path, envoy_bin:
             procs[f"r{i}"] = replica(i, 0, wait=False)
         for proc in list(procs.values()):
             await asyncio.to_thread(proc.wait_ready)
-        config = render_local_config(
-            listener_port=listener, admin_port=envoy_admin, grpc_ports=grpc_ports,
-            backends=[("127.0.0.1", p) for p in sims],
-        )
-        procs["envoy"] = await asyncio.to_thread(start_envoy, config, log_dir=log_dir,
-                                                 admin_port=envoy_admin, concurrency=1)
+        for attempt in range(3):  # another process may take a chosen port before Envoy binds it
+            config = render_local_config(
+                listener_port=listener, admin_port=envoy_admin, grpc_ports=grpc_ports,
+                backends=[("127.0.0.1", p) for p in sims],
+            )
+            try:
+                procs["envoy"] = await asyncio.to_thread(start_envoy, config, log_dir=log_dir,
+                                                         admin_port=envoy_admin, concurrency=1)
+                break
+            except PortInUseError:
+                if attempt == 2:
+                    raise
+                listener, envoy_admin = free_port(), free_port()
+                admin_url = f"http://127.0.0.1:{envoy_admin}"
         for i in (0, 1):
             await wait_flags(admin_url, "extproc", f"127.0.0.1:{grpc_ports[i]}", "healthy", 10)
         url = f"http://127.0.0.1:{listener}"

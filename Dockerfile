@@ -14,12 +14,16 @@ COPY vllmsim ./vllmsim
 # ...and a non-editable install leaves nothing in /src that the runtime needs.
 RUN pip install . && rm -rf /src
 
-# Never run as root; a fixed UID keeps file ownership predictable for mounted volumes.
-RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
-USER app
+# Never run as root; a fixed UID keeps file ownership predictable for mounted volumes. USER is
+# numeric so that Kubernetes can verify `runAsNonRoot` (deploy/base/deployment.yaml runs it so).
+# Nothing is written at run time (PYTHONDONTWRITEBYTECODE; pip compiled the bytecode above; the
+# self-signed TLS certificate lives in memory): a read-only root filesystem works.
+RUN groupadd --gid 10001 app \
+ && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin app
+USER 10001:10001
 WORKDIR /home/app
 
-# gRPC (ext_proc), admin HTTP, simulator HTTP.
-EXPOSE 9002 9090 8000
+# gRPC (ext_proc), gRPC health (--grpc-health-address), admin HTTP, simulator HTTP.
+EXPOSE 9002 9003 9090 8000
 # No default server: docker-compose.yaml chooses `extproc serve ...` or `vllmsim ...`.
 CMD ["extproc", "--help"]

@@ -52,6 +52,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--envoy-concurrency", type=int, default=None, help="Envoy worker threads (Envoy default)"
     )
     p.add_argument(
+        "--extproc-tls",
+        choices=["self-signed", "files"],
+        default="",
+        help="TLS between Envoy and the service: self-signed (not verified, as gateways do) or "
+        "files (a certificate in the log dir that Envoy verifies); default plaintext",
+    )
+    p.add_argument(
         "--no-restart",
         action="store_true",
         help="do not restart the service or Envoy when they die (they are reported either way)",
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         envoy_port=args.envoy_port,
         envoy_admin_port=args.envoy_admin_port,
         envoy_concurrency=args.envoy_concurrency,
+        extproc_tls=args.extproc_tls,
     )
     print(
         f"devstack: starting {args.backends} simulators, the service and Envoy (logs: {args.log_dir}/) ...",

@@ -1,4 +1,5 @@
-"""Render the loopback variant of ``envoy/envoy.yaml``.
+"""Render the loopback variant of ``envoy/envoy.yaml`` (or of another config in ``envoy/``:
+``template=``, e.g. the gateway-style ``gie-reference.yaml`` and ``istio-style.yaml``).
 
 The compose config is the single source of truth. The local variant is produced by loading it
 and rewriting ONLY addresses, so the two cannot drift: every filter, timeout, LB policy and
@@ -10,7 +11,9 @@ What changes:
 * cluster ``extproc`` points at the given (host, port) - or, with ``grpc_ports``, at SEVERAL
   service replicas on loopback (rolling restarts: Envoy's gRPC health check steers new ext_proc
   streams away from a draining replica) - as a STATIC cluster;
-* cluster ``vllm`` becomes STATIC with exactly the given backends (compose uses DNS);
+* cluster ``vllm`` becomes STATIC with exactly the given backends (compose uses DNS), unless
+  it is an ORIGINAL_DST cluster (``envoy/gie-reference.yaml``), which keeps its type: it has no
+  hosts, it connects to the address in a request header;
 * optionally (``direct_listener_port``) a second listener ``ingress_direct`` with the same HTTP
   connection manager minus the ext_proc filter, routed to cluster ``vllm_direct`` that holds only
   the first backend. Benchmarks compare it with the main listener to measure what the service
@@ -23,6 +26,12 @@ envoy.yaml) instead of being routed by the fallback policy. For docker compose, 
 variant of envoy.yaml (addresses unchanged) with
 ``python -c 'from devstack.envoy_config import render_fail_closed as r; print(r(), end="")'``
 and mount it instead of envoy.yaml.
+
+TLS to the service, ``extproc_tls=True`` (the service runs with ``--tls-self-signed`` or
+``--tls-cert/--tls-key``): cluster ``extproc`` gets an upstream TLS transport socket (SNI
+``localhost``, ALPN h2) that does not verify the certificate, as the Gateway API Inference
+Extension and Istio configure an endpoint picker; ``extproc_tls_ca=PATH`` verifies it against
+that CA file and requires the SNI name among its subject alt names.
 """
 
 from __future__ import annotations
@@ -49,6 +58,9 @@ EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 
 LOOPBACK = "127.0.0.1"
+
+# Cluster type that connects to the address a request header names (no hosts of its own).
+ORIGINAL_DST = "ORIGINAL_DST"
 
 # Keys of a cluster that describe WHERE its hosts are (and how they are discovered). These are
 # the only cluster keys the renderer touches; the drift test strips exactly these.
@@ -151,6 +163,37 @@ def make_fail_closed(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def make_extproc_tls(
+    cfg: dict[str, Any], *, sni: str = "localhost", ca_file: str | Path | None = None
+) -> dict[str, Any]:
+    """Speak TLS to cluster ``extproc`` (in place; also returned).
+
+    Without ``ca_file`` the certificate is not verified (no ``validation_context``), as
+    gateways configure an endpoint picker that makes its own self-signed certificate. With it,
+    the chain must lead to ``ca_file`` and ``sni`` must be one of the certificate's DNS names.
+    """
+    common: dict[str, Any] = {
+        "alpn_protocols": ["h2"],  # gRPC is HTTP/2
+        # Envoy's client default stops at TLS 1.2; the service speaks 1.3.
+        "tls_params": {"tls_maximum_protocol_version": "TLSv1_3"},
+    }
+    if ca_file is not None:
+        common["validation_context"] = {
+            "trusted_ca": {"filename": str(ca_file)},
+            "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": sni}}],
+        }
+    cluster = _by_name(cfg["static_resources"]["clusters"], EXTPROC_CLUSTER, "cluster")
+    cluster["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": sni,
+            "common_tls_context": common,
+        },
+    }
+    return cfg
+
+
 def render_local_config_dict(
     *,
     listener_port: int,
@@ -161,6 +204,8 @@ def render_local_config_dict(
     template: Path | None = None,
     grpc_ports: Sequence[int] | None = None,
     fail_closed: bool = False,
+    extproc_tls: bool = False,
+    extproc_tls_ca: str | Path | None = None,
 ) -> dict[str, Any]:
     """Like :func:`render_local_config` but returns the parsed structure."""
     if (extproc_address is None) == (grpc_ports is None):
@@ -184,7 +229,13 @@ def render_local_config_dict(
     clusters: list[dict[str, Any]] = resources["clusters"]
     _static_endpoints(_by_name(clusters, EXTPROC_CLUSTER, "cluster"), extproc_endpoints)
     vllm = _by_name(clusters, VLLM_CLUSTER, "cluster")
-    _static_endpoints(vllm, list(backends))
+    if vllm.get("type") == ORIGINAL_DST:
+        # No host list to rewrite: the pool is whatever address the request header names
+        # (envoy/gie-reference.yaml); ``backends`` only tells the service.
+        if direct_listener_port is not None:
+            raise ValueError("direct_listener needs a pool cluster with hosts, not ORIGINAL_DST")
+    else:
+        _static_endpoints(vllm, list(backends))
 
     if direct_listener_port is not None:
         listeners.append(_direct_listener(ingress, direct_listener_port))
@@ -196,6 +247,8 @@ def render_local_config_dict(
         clusters.append(direct)
     if fail_closed:
         make_fail_closed(cfg)
+    if extproc_tls or extproc_tls_ca is not None:
+        make_extproc_tls(cfg, ca_file=extproc_tls_ca)
     return cfg
 
 
@@ -209,6 +262,8 @@ def render_local_config(
     template: Path | None = None,
     grpc_ports: Sequence[int] | None = None,
     fail_closed: bool = False,
+    extproc_tls: bool = False,
+    extproc_tls_ca: str | Path | None = None,
 ) -> str:
     """Return the loopback Envoy config (YAML text) derived from ``envoy/envoy.yaml``.
 
@@ -224,6 +279,9 @@ def render_local_config(
       streams within ~1 s: restart replicas one at a time for a rolling restart.
 
     ``fail_closed=True``: ``failure_mode_allow: false`` (see the module docstring).
+
+    ``extproc_tls=True``: TLS to the service without verification; ``extproc_tls_ca=PATH``:
+    TLS verified against that CA file (see the module docstring).
     """
     cfg = render_local_config_dict(
         listener_port=listener_port,
@@ -234,8 +292,12 @@ def render_local_config(
         template=template,
         grpc_ports=grpc_ports,
         fail_closed=fail_closed,
+        extproc_tls=extproc_tls,
+        extproc_tls_ca=extproc_tls_ca,
     )
-    return _dump(cfg)
+    if template is None:
+        return _dump(cfg)
+    return _dump(cfg, _HEADER.replace("envoy/envoy.yaml", f"envoy/{template.name}"))
 
 
 def _dump(cfg: dict[str, Any], header: str = _HEADER) -> str:
@@ -249,6 +311,68 @@ def render_fail_closed(template: Path | None = None) -> str:
         "# the same config with ext_proc failure_mode_allow: false. Edit envoy/envoy.yaml.\n"
     )
     return _dump(make_fail_closed(load_template(template)), header)
+
+
+# --------------------------------------------------------------------------- Kubernetes
+# deploy/examples/standalone-envoy/configmap.yaml is envoy.yaml with only the cluster addresses
+# changed to the Services of deploy/ (short names: the pod's DNS search list completes them in
+# its own namespace) and TLS to the service, which runs with --tls-self-signed there.
+K8S_EXTPROC_SERVICE: tuple[str, int] = ("llm-extproc-headless", 9002)
+K8S_VLLM_SERVICE: tuple[str, int] = ("vllm", 8000)
+K8S_CONFIGMAP_NAME = "llm-gateway-envoy"
+# Cluster keys the Kubernetes variant adds (to cluster extproc); the drift test strips them too.
+K8S_EXTRA_CLUSTER_KEYS: tuple[str, ...] = ("transport_socket",)
+
+
+def render_kubernetes_config_dict(template: Path | None = None) -> dict[str, Any]:
+    """envoy.yaml for deploy/examples/standalone-envoy (parsed): see the section comment."""
+    cfg = load_template(template)
+    clusters = cfg["static_resources"]["clusters"]
+    for name, (host, port) in (
+        (EXTPROC_CLUSTER, K8S_EXTPROC_SERVICE),
+        (VLLM_CLUSTER, K8S_VLLM_SERVICE),
+    ):
+        cluster = _by_name(clusters, name, "cluster")
+        # Headless Services: one A record per Ready pod, so the clusters must stay DNS ones.
+        if "cluster_type" not in cluster:
+            raise ValueError(f"cluster {name!r} is not a DNS cluster; the Kubernetes variant needs one")
+        cluster["load_assignment"] = {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}],
+        }
+    # Not verified, like the gateways' picker clusters: the certificate is made at the service's start.
+    return make_extproc_tls(cfg, sni=K8S_EXTPROC_SERVICE[0])
+
+
+def render_kubernetes_configmap(template: Path | None = None) -> str:
+    """The whole ConfigMap manifest holding :func:`render_kubernetes_config_dict` as envoy.yaml.
+
+    Regenerate after editing envoy/envoy.yaml (a test fails until then)::
+
+        python -c 'from devstack.envoy_config import render_kubernetes_configmap as r; print(r(), end="")' \\
+            > deploy/examples/standalone-envoy/configmap.yaml
+    """
+    body = yaml.safe_dump(
+        render_kubernetes_config_dict(template), sort_keys=False, default_flow_style=False, width=10_000
+    )
+    indented = "".join(f"    {line}" if line.strip() else line for line in body.splitlines(keepends=True))
+    return (
+        "# GENERATED by devstack.envoy_config.render_kubernetes_configmap from envoy/envoy.yaml: the\n"
+        "# same config with the Kubernetes Services as cluster addresses and TLS to the service.\n"
+        "# Edit envoy/envoy.yaml (its comments explain every setting; docs/envoy.md too), then\n"
+        "# regenerate this file (the command is in that function's docstring).\n"
+        "apiVersion: v1\n"
+        "kind: ConfigMap\n"
+        "metadata:\n"
+        f"  name: {K8S_CONFIGMAP_NAME}\n"
+        "  labels:\n"
+        f"    app.kubernetes.io/name: {K8S_CONFIGMAP_NAME}\n"
+        "    app.kubernetes.io/component: gateway\n"
+        "    app.kubernetes.io/part-of: envoy-llm-extproc\n"
+        "data:\n"
+        "  envoy.yaml: |\n"
+        f"{indented}"
+    )
 
 
 def listener_ports(config: dict[str, Any]) -> list[int]:

@@ -366,19 +366,22 @@ def start_vllmsim(
     name: str | None = None,
     timeout: float = DEFAULT_START_TIMEOUT,
     wait: bool = True,
+    host: str = "127.0.0.1",
 ) -> Proc:
-    """Start ``python -m vllmsim --host 127.0.0.1 --port N ...``; ready when GET /health is 200.
+    """Start ``python -m vllmsim --host HOST --port N ...``; ready when GET /health is 200.
 
+    ``host`` may be any loopback address (127.0.0.2, 127.0.0.3, ... are loopback on Linux): the
+    Kubernetes discovery tests give each simulated pod its own IP.
     With ``wait=False`` the process is only launched; call ``proc.wait_ready()`` later (lets
     several processes boot in parallel).
     """
-    argv = [sys.executable, "-m", "vllmsim", "--host", "127.0.0.1", "--port", str(port), *args]
+    argv = [sys.executable, "-m", "vllmsim", "--host", host, "--port", str(port), *args]
     return _start(
-        name or f"vllmsim-{port}",
+        name or (f"vllmsim-{port}" if host == "127.0.0.1" else f"vllmsim-{host}-{port}"),
         argv,
         log_dir=log_dir,
-        ready=_http_ok(f"http://127.0.0.1:{port}/health"),
-        what=f"vllmsim on port {port} (GET /health == 200)",
+        ready=_http_ok(f"http://{host}:{port}/health"),
+        what=f"vllmsim on {host}:{port} (GET /health == 200)",
         timeout=timeout,
         wait=wait,
         env=_project_env(),

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from devstack.envoy_config import render_local_config
 from devstack.processes import (
@@ -68,6 +68,14 @@ class Stack:
     # their own gRPC and admin ports; ``service_ports`` pins them as [(grpc, admin), ...].
     service_replicas: int = 1
     service_ports: Sequence[tuple[int, int]] | None = None
+    # TLS between Envoy and the service: "self-signed" = the service runs --tls-self-signed and
+    # Envoy does not verify (the gateways' EPP setup); "files" = a certificate/key written to
+    # log_dir/extproc-tls/ (``tls_files``), given with --tls-cert/--tls-key, and Envoy verifies
+    # it with that certificate as its CA. "" = plaintext.
+    extproc_tls: Literal["", "self-signed", "files"] = ""
+    # Envoy config to render instead of envoy/envoy.yaml, e.g. envoy/gie-reference.yaml or
+    # envoy/istio-style.yaml (the gateways' own styles; only addresses are rewritten).
+    envoy_template: Path | None = None
 
     # Filled by start().
     sims: list[Proc] = field(default_factory=list, init=False)
@@ -209,6 +217,13 @@ class Stack:
     def start(self) -> Stack:
         if self.n_backends < 1:
             raise ValueError("n_backends must be >= 1")
+        if self.extproc_tls not in ("", "self-signed", "files"):
+            raise ValueError(f"extproc_tls must be '', 'self-signed' or 'files', not {self.extproc_tls!r}")
+        if self.extproc_tls == "files":  # a fresh pair per start; restarted services reuse it
+            from extproc.tls import self_signed, write_pair
+
+            self.tls_files[0].parent.mkdir(parents=True, exist_ok=True)
+            write_pair(self_signed(["localhost", "127.0.0.1"]), *self.tls_files)
         attempts = 1 if self._all_ports_fixed() else max(1, self.start_attempts)
         for attempt in range(1, attempts + 1):
             self._pick_ports()
@@ -244,12 +259,27 @@ class Stack:
         self.envoy_config = self._render_envoy()
         self.envoy = self._launch_envoy()
 
+    @property
+    def tls_files(self) -> tuple[Path, Path]:
+        """(certificate, key) PEM files of ``extproc_tls="files"`` (the certificate is also
+        Envoy's CA)."""
+        tls_dir = Path(self.log_dir) / "extproc-tls"
+        return tls_dir / "cert.pem", tls_dir / "key.pem"
+
+    def _service_tls_args(self) -> list[str]:
+        if self.extproc_tls == "self-signed":
+            return ["--tls-self-signed"]
+        if self.extproc_tls == "files":
+            cert, key = self.tls_files
+            return ["--tls-cert", str(cert), "--tls-key", str(key)]
+        return []
+
     def _launch_service(self, replica: int, *, wait: bool = False) -> Proc:
         return start_extproc(
             grpc_port=self.service_grpc_port(replica),
             admin_port=self._ports["service_admin" if replica == 0 else f"service_admin{replica}"],
             backends=self.all_sim_urls,
-            args=self.service_args,
+            args=[*self._service_tls_args(), *self.service_args],
             log_dir=Path(self.log_dir),
             name="extproc" if replica == 0 else f"extproc-{replica}",
             timeout=self.start_timeout,
@@ -273,6 +303,9 @@ class Stack:
             "admin_port": self._ports["envoy_admin"],
             "backends": [("127.0.0.1", p) for p in self._all_sim_ports()],
             "direct_listener_port": self._ports.get("direct"),
+            "template": self.envoy_template,
+            "extproc_tls": bool(self.extproc_tls),
+            "extproc_tls_ca": self.tls_files[0] if self.extproc_tls == "files" else None,
         }
         if len(extproc) == 1:
             return render_local_config(extproc_address=extproc[0], **kwargs)

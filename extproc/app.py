@@ -15,6 +15,7 @@ import logging
 import random
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -22,24 +23,32 @@ from extproc.admin import build_admin_app, split_address
 from extproc.backends import BackendRegistry
 from extproc.config import Settings
 from extproc.discovery import Discovery, normalize_static
+from extproc.gie_metrics import PoolCollector, pool_name
 from extproc.grpc_server import build_server, set_serving
+from extproc.health_port import build_health_server
 from extproc.observability import Metrics
 from extproc.prefix_index import PrefixIndex
 from extproc.processor import Processor
 from extproc.route_settings import RouteSettings, parse_weights
 from extproc.scraper import Scraper
 from extproc.strategies import FALLBACKS
+from extproc.tls import server_credentials
+
+if TYPE_CHECKING:
+    from extproc.k8s_discovery import K8sDiscovery
 
 log = logging.getLogger("extproc")
 
 
 class Health:
-    """SERVING only while the service is up, not draining, and knows at least one backend."""
+    """SERVING only while the service is up, not draining, has read its discovery source once
+    (``synced``: a Kubernetes replica is not ready before it knows the pool) and knows a backend."""
 
     def __init__(self, set_status: Callable[[bool], Awaitable[None]], metrics: Metrics) -> None:
         self._set = set_status
         self._metrics = metrics
         self.started = False
+        self.synced = False
         self.draining = False
         self.pool_size = 0
         self._published: bool | None = None
@@ -47,7 +56,7 @@ class Health:
 
     @property
     def serving(self) -> bool:
-        return self.started and not self.draining and self.pool_size > 0
+        return self.started and self.synced and not self.draining and self.pool_size > 0
 
     async def publish(self) -> None:
         async with self._lock:  # keep the order of flips when several are scheduled at once
@@ -80,6 +89,7 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     registry = BackendRegistry(stale_after=settings.stale_after, max_metrics_age=settings.max_metrics_age)
     metrics = Metrics()
     metrics.attach_backends(registry)
+    metrics.registry.register(PoolCollector(registry, pool_name(settings)))  # GIE inference_pool_*
     scraper = Scraper(
         registry,
         metrics,
@@ -102,12 +112,19 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             weights=parse_weights(settings.weights),
             prefix_guard_abs=settings.prefix_guard_abs,
             prefix_guard_rel=settings.prefix_guard_rel,
+            shed_queue_depth=settings.shed_queue_depth or None,
         ),
         fallback_endpoints=settings.fallback_endpoints,
         reject_when_empty=settings.empty_pool == "reject",
         rng=random.Random(),
     )
-    server, health_servicer, handler = build_server(processor, registry, settings.grpc_address)
+    # TLS material is checked here, before anything listens: a bad file is a config error.
+    credentials = server_credentials(settings)
+    server, health_servicer, handler = build_server(processor, registry, settings.grpc_address, credentials)
+    # The same servicer on the plaintext health port: both ports always say the same.
+    health_server = None
+    if settings.grpc_health_address:
+        health_server = build_health_server(health_servicer, settings.grpc_health_address)
     health = Health(lambda serving: set_serving(health_servicer, serving), metrics)
     background: set[asyncio.Task[None]] = set()
 
@@ -130,15 +147,35 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         health.pool_size = len(urls)
         schedule_health()
 
-    static = await normalize_static(settings.backend, settings.address_family)
-    discovery = Discovery(
-        static, settings.backends_dns, on_backends, refresh=settings.dns_refresh,
-        family=settings.address_family, on_error=metrics.task_error,
-    )
+    discovery: Discovery | K8sDiscovery
+    if settings.k8s_inference_pool or settings.k8s_selector:
+        from extproc.k8s_discovery import build_k8s_discovery  # only then import the k8s client
+
+        # Reads credentials now (a problem is a ConfigError); the API itself may be down.
+        discovery = build_k8s_discovery(settings, on_backends, on_error=metrics.task_error)
+    else:
+        static = await normalize_static(settings.backend, settings.address_family)
+        discovery = Discovery(
+            static, settings.backends_dns, on_backends, refresh=settings.dns_refresh,
+            family=settings.address_family, on_error=metrics.task_error,
+        )
+
+    async def ready_when_synced() -> None:
+        await discovery.synced.wait()
+        health.synced = True
+        await health.publish()
 
     await scraper.start()
     await discovery.start()
+    health.synced = discovery.synced.is_set()  # static/DNS: at once; Kubernetes: after its first list
+    if not health.synced:
+        synced_waiter = asyncio.ensure_future(ready_when_synced())
+        background.add(synced_waiter)
+        synced_waiter.add_done_callback(background.discard)
     await server.start()
+    if health_server is not None:
+        await health_server.start()
+        log.info("grpc.health.v1 also on %s (plaintext)", settings.grpc_health_address)
     health.started = True
     await health.publish()
 
@@ -174,6 +211,8 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         if ended:
             log.info("ended %d open streams with status OK", ended)
         await server.stop(grace=1.0)
+        if health_server is not None:
+            await health_server.stop(grace=0.5)
         await runner.cleanup()
         await discovery.stop()
         await scraper.stop()

@@ -109,6 +109,7 @@ class BackendRegistry:
         self._clock = clock
         self._records: dict[str, BackendRecord] = {}  # by URL
         self._ordered: list[BackendRecord] = []
+        self._by_endpoint: dict[str, int] = {}  # ip:port -> slot (the served endpoint Envoy reports)
         self._pending: list[int] = []
         self._base = Snapshot()
 
@@ -134,9 +135,14 @@ class BackendRegistry:
         self._ordered = [self._records[u] for u in wanted]
         for i, r in enumerate(self._ordered):
             r.slot = i
+        self._by_endpoint = {r.endpoint: i for i, r in enumerate(self._ordered)}
         self._pending = [r.pending for r in self._ordered]
         self.rebuild()
         return added, removed
+
+    def slot_of(self, endpoint: str) -> int | None:
+        """The slot of the backend at ``ip:port``, None if it is not in the pool."""
+        return self._by_endpoint.get(endpoint)
 
     @property
     def records(self) -> list[BackendRecord]:

@@ -12,7 +12,7 @@ from typing import Any
 from extproc.config import ConfigError, Settings, load_settings
 from extproc.strategies import STRATEGIES
 
-_REPEATABLE = {"backend", "backends_dns"}
+_REPEATABLE = {"backend", "backends_dns", "k8s_target_port"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
         pass
+    except ConfigError as exc:  # found at start, e.g. an unreadable --tls-cert
+        print(f"extproc: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # e.g. address already in use
         print(f"extproc: {exc}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,10 +32,31 @@ class Settings(BaseSettings):
         description="Addresses kept from DNS (--backends-dns, host names in --backend). Match the Envoy "
         "cluster's dns_lookup_family (V4_ONLY in envoy/envoy.yaml): a pick Envoy does not know is ignored.",
     )
+    k8s_inference_pool: str = Field(
+        "",
+        description="Kubernetes discovery: follow the InferencePool (inference.networking.k8s.io/v1) of this "
+        "name: its spec.selector.matchLabels pick the pods, spec.targetPorts their ports; changes apply live. "
+        "Backends = Ready, non-terminating pods x target ports. Excludes --k8s-selector, --backend, --backends-dns.",
+    )
+    k8s_selector: str = Field(
+        "",
+        description="Kubernetes discovery without a pool: label selector of the backend pods, key=value[,key=value] "
+        "(needs --k8s-target-port).",
+    )
+    k8s_target_port: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="Port(s) of the pods selected by --k8s-selector (repeatable or comma-separated).",
+    )
+    k8s_namespace: str = Field(
+        "",
+        description="Namespace of the pool and its pods. Empty: the pod's own namespace (service account), "
+        "else the kubeconfig context's, else 'default'.",
+    )
     fallback_endpoints: int = Field(
         3, ge=0, le=16,
         description="Next-best servers listed after the pick in x-gateway-destination-endpoint (ip:port,ip:port,...); "
-        "Envoy tries them in order when the pick refuses the connection.",
+        "Envoy tries them in order when the pick refuses the connection. Use 0 behind an ORIGINAL_DST gateway "
+        "(the GIE reference Envoy config): it takes one address, a list is a 503.",
     )
     empty_pool: Literal["envoy", "reject"] = Field(
         "envoy",
@@ -50,6 +72,12 @@ class Settings(BaseSettings):
     stop_grace: float = Field(
         10.0, ge=0, description="After the drain: seconds open ext_proc streams (running HTTP requests) may take to "
         "finish; the rest are ended with status OK, which Envoy does not count as a failure.",
+    )
+    shed_queue_depth: float = Field(
+        0, ge=0,
+        description="Answer 429 (with retry-after) when every candidate server reports more than this many "
+        "waiting requests; 0 = never shed. Servers without measured metrics never count as full. A route's "
+        "x-extproc-shed-queue-depth overrides it.",
     )
     strategy: str = Field("weighted", description="Default routing strategy.")
     fallback: Literal["random", "round-robin"] = Field(
@@ -94,6 +122,28 @@ class Settings(BaseSettings):
     expose_routing_headers: bool = Field(
         True, description="Emit the 'extproc' metadata that Envoy turns into x-routing-* response headers."
     )
+    grpc_health_address: str = Field(
+        "",
+        description="host:port of a second, always plaintext gRPC server that answers only grpc.health.v1 "
+        "(the same statuses as --grpc-address): kubelet gRPC probes do not speak TLS. Empty: off.",
+    )
+    tls_cert: str = Field(
+        "",
+        description="PEM certificate (chain) for TLS on --grpc-address; needs --tls-key. Re-read when the "
+        "files change: new connections get the new certificate, no restart needed.",
+    )
+    tls_key: str = Field("", description="Unencrypted PEM private key of --tls-cert.")
+    tls_self_signed: bool = Field(
+        False,
+        description="TLS on --grpc-address with a self-signed certificate made at start (its SHA-256 "
+        "fingerprint is logged): what gateways expect from an endpoint picker (Istio and the Gateway API "
+        "Inference Extension configs use TLS without verifying the certificate).",
+    )
+    pool_name: str = Field(
+        "",
+        description="The 'name' label of the inference_pool_* metrics (Gateway API Inference Extension "
+        "dashboards). Empty: the --k8s-inference-pool name if set, else 'default'.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
     @field_validator("backend", "backends_dns", mode="before")
@@ -124,6 +174,48 @@ class Settings(BaseSettings):
             raise ValueError("max_metrics_age must be >= stale_after")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_self_signed and self.tls_cert:
+            raise ValueError("--tls-self-signed and --tls-cert/--tls-key exclude each other: pick one")
+        return self
+
+    @field_validator("k8s_target_port", mode="before")
+    @classmethod
+    def _ports(cls, v: Any) -> Any:
+        from extproc.k8s_discovery import parse_ports
+
+        return parse_ports(v if isinstance(v, list | tuple) else [v])
+
+    @field_validator("k8s_selector")
+    @classmethod
+    def _selector(cls, v: str) -> str:
+        if v.strip():
+            from extproc.k8s_discovery import parse_selector
+
+            parse_selector(v)
+        return v.strip()
+
+    @field_validator("k8s_namespace", "k8s_inference_pool")
+    @classmethod
+    def _k8s_name(cls, v: str) -> str:
+        # DNS-1123: lower-case alphanumerics and '-' (and '.' in object names).
+        if v and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", v):
+            raise ValueError(f"{v!r} is not a Kubernetes name (lower-case letters, digits, '-', '.')")
+        return v
+
+    @model_validator(mode="after")
+    def _k8s(self) -> Settings:
+        if self.k8s_inference_pool and self.k8s_selector:
+            raise ValueError("--k8s-inference-pool and --k8s-selector exclude each other: the pool's "
+                             "spec.selector already names the pods")
+        if self.k8s_selector and not self.k8s_target_port:
+            raise ValueError("--k8s-selector needs --k8s-target-port (the pods' serving port)")
+        if self.k8s_target_port and not self.k8s_selector:
+            raise ValueError("--k8s-target-port goes with --k8s-selector (a pool names its ports in "
+                             "spec.targetPorts)")
+        if (self.k8s_inference_pool or self.k8s_selector) and (self.backend or self.backends_dns):
+            raise ValueError("Kubernetes discovery (--k8s-*) replaces --backend/--backends-dns: give one or the other")
         return self
 
 

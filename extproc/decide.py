@@ -2,6 +2,8 @@
 
 Order of rules (each gives the ``reason`` reported to Envoy and in metrics):
 1. no backend at all             -> :class:`NoBackends` (the service answers 503)
+1b. the gateway sent a subset hint -> only backends at those IPs; none of them in the pool, or
+   none of them healthy -> :class:`SubsetUnavailable` (always 503, as the protocol asks)
 2. a model was requested         -> only servers of that model (model pools); a model that no
    known server serves and no unknown server could serve -> :class:`UnknownModel` (404).
    A LoRA adapter prefers servers running it or with a free adapter slot.
@@ -10,6 +12,10 @@ Order of rules (each gives the ``reason`` reported to Envoy and in metrics):
 4. a load-aware strategy and no candidate has metrics -> fallback, reason ``cold-cache``
 5. otherwise the strategy ranks the candidates: reason ``metrics`` (or its own finer reason)
 6. the strategy raised           -> fallback, reason ``fallback-error`` (never a dropped request)
+
+Shedding (``--shed-queue-depth``, off by default): when every eligible candidate's scraped
+queue is above the limit -> :class:`Shed` (the service answers 429). A candidate without
+measured metrics never counts as full: missing data never sheds a request.
 
 Eligible means healthy and not *suspect* (last scrape failed or timed out); suspect backends
 are used only when every healthy one is suspect, unhealthy ones only when all are.
@@ -34,6 +40,14 @@ log = logging.getLogger(__name__)
 
 class NoBackends(Exception):
     """The pool is empty: nothing can serve the request."""
+
+
+class SubsetUnavailable(NoBackends):
+    """The gateway's subset hint names no healthy backend of the pool."""
+
+
+class Shed(Exception):
+    """Every candidate's queue is above --shed-queue-depth: drop the request (429)."""
 
 
 class UnknownModel(Exception):
@@ -101,6 +115,30 @@ def lora_affine(model: str, candidates: tuple[BackendView, ...]) -> tuple[Backen
     return affine or candidates
 
 
+def host_of(endpoint: str) -> str:
+    """``ip`` of ``ip:port`` / ``[v6]:port`` (a bare IP is returned as is)."""
+    if endpoint.startswith("["):
+        return endpoint[1 : endpoint.find("]")] if "]" in endpoint else endpoint
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or host.count(":") or not port.isdigit():
+        return endpoint  # a bare IPv4/IPv6 address
+    return host
+
+
+def subset_pool(pool: Pool, subset: frozenset[str]) -> Pool:
+    """The members of ``pool`` at the hinted IPs; SubsetUnavailable if none is healthy."""
+    members = tuple(v for v in pool.members if host_of(v.endpoint) in subset)
+    narrowed = Pool.of(members)
+    if not members or narrowed.all_unhealthy:
+        raise SubsetUnavailable(f"no healthy backend among the {len(subset)} hinted address(es)")
+    return narrowed
+
+
+def shed(pool: Pool, depth: float) -> bool:
+    """True when every eligible candidate reports a queue above ``depth`` (measured, not prior)."""
+    return all(b.known and not b.prior and b.waiting > depth for b in pool.eligible)
+
+
 def decide(
     strategy: Strategy,
     fallback: Strategy,
@@ -108,10 +146,15 @@ def decide(
     snap: Snapshot,
     rng: random.Random,
     n_fallbacks: int = 0,
+    shed_queue_depth: float | None = None,
 ) -> Decision:
     if not snap.backends:
         raise NoBackends("no backend is configured or discovered")
     pool = pool_for(facts, snap)
+    if facts.subset is not None:
+        pool = subset_pool(pool, facts.subset)
+    if shed_queue_depth is not None and pool.eligible and shed(pool, shed_queue_depth):
+        raise Shed(f"every candidate's queue is above {shed_queue_depth:g}")
     decision = _decide(strategy, fallback, facts, snap, pool, rng)
     if n_fallbacks > 0:
         fallbacks = rank_fallbacks(decision.backend, pool.eligible, snap, n_fallbacks, rng)

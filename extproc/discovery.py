@@ -78,6 +78,9 @@ class Discovery:
         self._dns: dict[tuple[str, int], list[str]] = {}
         self._task: asyncio.Task[None] | None = None
         self._published: list[str] | None = None
+        # Set after the first refresh: static and DNS lists are known at once (a failed lookup
+        # is retried in the background; readiness then rests on the pool not being empty).
+        self.synced = asyncio.Event()
 
     async def start(self) -> None:
         await self.refresh_once()
@@ -109,6 +112,7 @@ class Discovery:
         if now != self._published:
             self._published = now
             self.on_change(now)
+        self.synced.set()
 
     async def _loop(self) -> None:
         while True:

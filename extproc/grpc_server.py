@@ -15,7 +15,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc.backends import BackendRegistry, PickToken
+from extproc.backends import BackendRegistry
 from extproc.processor import CONTINUE_FOR, Processor, StreamState
 from extproc.route_settings import RouteSettingsCache
 
@@ -59,12 +59,12 @@ class ExtProcHandler:
         return len(self._streams)
 
     async def process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
-        tokens: list[PickToken] = []
         task = asyncio.current_task()
         streams = self._streams
+        processor = self.processor
+        # Per-route settings arrive as the stream's initial metadata (ExtProcPerRoute).
+        state = StreamState(route=self.route_settings.get(context.invocation_metadata()))
         try:
-            # Per-route settings arrive as the stream's initial metadata (ExtProcPerRoute).
-            state = StreamState(route=self.route_settings.get(context.invocation_metadata()))
             while not self._closing:
                 streams[task] = True  # type: ignore[index]
                 req = await context.read()
@@ -72,33 +72,37 @@ class ExtProcHandler:
                 if req is grpc.aio.EOF:
                     break
                 try:
-                    outcome = self.processor.handle(req, state)
+                    outcome = processor.handle(req, state)
                 except Exception:  # the processor already guards decisions; this is a last net
                     log.exception("ext_proc message handling failed; answering CONTINUE")
-                    self.processor.metrics.handler_error()
+                    processor.metrics.handler_error()
                     # Envoy waits for an answer to every message: silence would cost the
                     # request message_timeout and then the fallback. CONTINUE costs nothing.
                     response = CONTINUE_FOR.get(req.WhichOneof("request") or "", b"")
                     if response:
                         await context.write(response)
                     continue
-                if outcome.token is not None:
-                    tokens.append(outcome.token)
                 if outcome.response:
                     await context.write(outcome.response)
+                for response in outcome.more:  # FULL_DUPLEX_STREAMED: the body after the headers
+                    await context.write(response)
         except asyncio.CancelledError:
             if not self._closing:
                 raise  # the client (Envoy) went away
             # Returning normally ends the call with status OK (see close_open_streams).
         finally:
             streams.pop(task, None)  # type: ignore[arg-type]
-            for token in tokens:
-                self.registry.on_done(token)
+            processor.finish(state)
 
 
 def build_server(
-    processor: Processor, registry: BackendRegistry, address: str
+    processor: Processor,
+    registry: BackendRegistry,
+    address: str,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, ExtProcHandler]:
+    """The ext_proc + grpc.health.v1 server on ``address``: TLS with ``credentials``
+    (extproc.tls.server_credentials), plaintext without."""
     handler = ExtProcHandler(processor, registry)
     max_message = processor.max_body_bytes + _MESSAGE_HEADROOM
     rpc = grpc.stream_stream_rpc_method_handler(
@@ -123,7 +127,14 @@ def build_server(
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": rpc}),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(address) == 0:
+    try:
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # recent grpcio raises where older versions returned 0
+        raise OSError(f"cannot listen on gRPC address {address}: {exc}") from None
+    if port == 0:
         raise OSError(f"cannot listen on gRPC address {address}")
     return server, health_servicer, handler
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from extproc.gie_metrics import ObjectiveMetrics
 
 if TYPE_CHECKING:
     from extproc.backends import BackendRegistry
@@ -109,6 +111,14 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=self.registry,
         )
+        self._served = Counter(
+            "extproc_served_total",
+            "Responses by which endpoint the gateway reports served them (envoy.lb "
+            "x-gateway-destination-endpoint-served): pick, fallback (a listed fallback after a "
+            "retry), other (an endpoint not in the answer), unrouted (no decision was made).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self._handler_errors = Counter(
             "extproc_handler_errors_total",
             "ext_proc messages whose handling raised; the service answered CONTINUE instead.",
@@ -121,9 +131,13 @@ class Metrics:
         ProcessCollector(registry=self.registry)  # RSS, open fds, CPU: what a soak test watches
         self._decision_children: dict[tuple[str, str], object] = {}
         self._scrape_results: dict[str, set[str]] = {}
+        # The Gateway API Inference Extension's per-request series (extproc/gie_metrics.py).
+        self.objectives = ObjectiveMetrics(self.registry)
 
     def attach_backends(self, backends: BackendRegistry) -> None:
         self.registry.register(_BackendCollector(backends))
+        # Model label values are restricted to the models some backend serves.
+        self.objectives.known_models = lambda: backends.snapshot().model_pools
 
     def decided(self, strategy: str, reason: str, seconds: float) -> None:
         key = (strategy, reason)
@@ -154,5 +168,33 @@ class Metrics:
     def task_error(self, task: str) -> None:
         self._task_errors.labels(task).inc()
 
+    def served(self, outcome: str) -> None:
+        self._served.labels(outcome).inc()
+
     def handler_error(self) -> None:
         self._handler_errors.inc()
+
+    # -- Gateway API Inference Extension series (names and labels: extproc/gie_metrics.py) --
+    # model: the request's "model" (None/"" if it has none); target_model: the model it is
+    # sent to (the same unless rewritten). Both become a served model name, "unknown" or "other".
+    def objective_request(self, model: str | None, target_model: str | None) -> None:
+        """A request routed to a backend: inference_objective_request_total."""
+        self.objectives.request(model, target_model)
+
+    def objective_error(self, model: str | None, target_model: str | None, error_code: str) -> None:
+        """A request that ended in an error (gie_metrics.error_code(status) gives the code)."""
+        self.objectives.error(model, target_model, error_code)
+
+    def objective_duration(self, model: str | None, target_model: str | None, seconds: float) -> None:
+        """Request headers to end of response: inference_objective_request_duration_seconds."""
+        self.objectives.duration(model, target_model, seconds)
+
+    def objective_tokens(
+        self, model: str | None, target_model: str | None, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None:
+        """The response's usage (gie_metrics.usage_from_response): input/output token histograms."""
+        self.objectives.tokens(model, target_model, prompt_tokens, completion_tokens)
+
+    def objective_running(self, model: str | None) -> Callable[[], None]:
+        """inference_objective_running_requests +1; call the returned function once the request ends."""
+        return self.objectives.running(model)

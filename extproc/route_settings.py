@@ -8,6 +8,7 @@ envoy.yaml sets them per route with ``ExtProcPerRoute.overrides.grpc_initial_met
 | ``x-extproc-allow-client-strategy`` | ``true`` / ``false`` | whether clients may pick with ``x-routing-strategy`` here (default true) |
 | ``x-extproc-weights`` | ``queue=2,kv=2,prefix=3,lora=1`` | weights of the ``weighted`` strategy (missing keys keep defaults) |
 | ``x-extproc-prefix-guard`` | ``abs=8,rel=1.5`` | load guard of ``prefix-cache`` |
+| ``x-extproc-shed-queue-depth`` | a number, ``0`` = off | answer 429 when every candidate's queue is above it |
 
 Precedence: route setting > client header (unless the route forbids it) > service default.
 A bad value is logged once and ignored (the route then behaves as if it were absent):
@@ -34,6 +35,7 @@ class RouteSettings:
     weights: Weights = Weights()
     prefix_guard_abs: float = 8.0
     prefix_guard_rel: float = 1.5
+    shed_queue_depth: float | None = None  # None: never shed
 
 
 DEFAULT = RouteSettings()
@@ -101,6 +103,15 @@ def parse_route_settings(
                 kw["prefix_guard_rel"] = pairs["rel"]
         except ValueError as exc:
             log.warning("ignoring route prefix guard %r: %s", guard, exc)
+    shed = values.get(PREFIX + "shed-queue-depth")
+    if shed is not None:
+        try:
+            depth = float(shed)
+            if depth < 0 or depth != depth:
+                raise ValueError("must be a non-negative number")
+            kw["shed_queue_depth"] = depth or None
+        except ValueError as exc:
+            log.warning("ignoring route shed queue depth %r: %s", shed, exc)
     return replace(base, **kw)  # type: ignore[arg-type]
 
 

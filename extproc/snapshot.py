@@ -68,12 +68,13 @@ class Pool:
     eligible: tuple[BackendView, ...]
     all_unhealthy: bool
     eligible_known: bool
+    members: tuple[BackendView, ...] = ()  # every backend of the subset, eligible or not
 
     @staticmethod
     def of(views: tuple[BackendView, ...]) -> Pool:
         healthy = tuple(v for v in views if v.healthy)
         eligible = tuple(v for v in healthy if not v.suspect) or healthy or views
-        return Pool(eligible, bool(views) and not healthy, any(v.known for v in eligible))
+        return Pool(eligible, bool(views) and not healthy, any(v.known for v in eligible), views)
 
 
 @dataclass(frozen=True, slots=True)

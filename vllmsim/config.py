@@ -49,6 +49,8 @@ class SimConfig:
     fail_rate: float = 0.0
     crash_after: float = 0.0
     crash_after_requests: int = 0
+    # --- debugging ----------------------------------------------------------------------------
+    debug_echo: bool = False
 
     @property
     def pod_name(self) -> str:
@@ -163,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crash-after-requests", type=_non_negative_int, default=0,
                    help="exit abruptly (status 3) when the Nth inference request arrives, "
                         "without answering it (0 = never)")
+
+    g = p.add_argument_group("debugging (not vLLM)")
+    g.add_argument("--debug-echo", action="store_true",
+                   help="on inference responses, add x-vllmsim-body-bytes and x-vllmsim-body-sha256 "
+                        "(of the request body as received) and x-vllmsim-destination (the request's "
+                        "x-gateway-destination-endpoint header): proves what a gateway delivered")
     return p
 
 
@@ -220,4 +228,5 @@ def _from_namespace(ns: argparse.Namespace) -> SimConfig:
         fail_rate=ns.fail_rate,
         crash_after=ns.crash_after,
         crash_after_requests=ns.crash_after_requests,
+        debug_echo=ns.debug_echo,
     )

@@ -7,6 +7,7 @@ per-request future the engine resolves after each step (no per-token timers).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
@@ -90,6 +91,15 @@ async def _add_pod_header(request: web.Request, response: web.StreamResponse) ->
     response.headers["x-inference-pod"] = request.app[SIM_KEY].pod
 
 
+def _echo_headers(request: web.Request, raw: bytes) -> dict[str, str]:
+    """--debug-echo: what arrived here, for tests of what a gateway delivers."""
+    return {
+        "x-vllmsim-body-bytes": str(len(raw)),
+        "x-vllmsim-body-sha256": hashlib.sha256(raw).hexdigest(),
+        "x-vllmsim-destination": request.headers.get("x-gateway-destination-endpoint", ""),
+    }
+
+
 # ---- handlers -------------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
     if request.app[SIM_KEY].starting():
@@ -155,12 +165,15 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         _crash(f"request #{sim.accepted} (--crash-after-requests)")
     if sim.starting():
         return error_response(503, "The server is starting up.")
+    raw = await request.read()
+    echo = _echo_headers(request, raw) if cfg.debug_echo else {}
     try:
-        body = protocol.parse_body(await request.read(),
-                                   "ChatCompletionRequest" if chat else "CompletionRequest")
+        body = protocol.parse_body(raw, "ChatCompletionRequest" if chat else "CompletionRequest")
         p = protocol.parse_request(body, chat, cfg.model, cfg.lora_names, cfg.max_model_len)
     except ApiError as exc:
-        return exc.response()
+        resp = exc.response()
+        resp.headers.update(echo)
+        return resp
     if cfg.fail_rate > 0 and sim.rng.random() < cfg.fail_rate:
         return error_response(500, "Injected failure (vllmsim --fail-rate).")
     rid = protocol.new_id(chat)
@@ -169,7 +182,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     engine.add_request(req)
     try:
         if p.stream:
-            return await _stream(request, req, p, rid)
+            return await _stream(request, req, p, rid, echo)
         req.sink = _ignore_token  # no wake-up per token: only finish/abort notify
         while not req.done:
             await req.wait_notified()
@@ -178,7 +191,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         make = protocol.chat_body if chat else protocol.completion_body
         return web.Response(
             body=make(rid, p.model, text, req.finish_reason or "abort", req.num_prompt, n),
-            content_type="application/json")
+            content_type="application/json", headers=echo)
     except BaseException:
         engine.abort(req)  # client went away (cancelled) or we failed: free the KV blocks
         raise
@@ -189,7 +202,7 @@ def _ignore_token(req: Request) -> None:
 
 
 async def _stream(request: web.Request, req: Request, p: protocol.ParsedRequest,
-                  rid: str) -> web.StreamResponse:
+                  rid: str, echo: dict[str, str]) -> web.StreamResponse:
     """SSE like vLLM: one chunk per engine step, finish_reason on the last text chunk, an
     optional usage chunk, then ``data: [DONE]``.
 
@@ -197,7 +210,7 @@ async def _stream(request: web.Request, req: Request, p: protocol.ParsedRequest,
     transport in HTTP/1.1 chunked framing (identical bytes to ``resp.write``); waking one
     handler task per token per stream would cost more CPU than the whole engine step.
     """
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", **echo})
     if request.version >= HttpVersion11:
         resp.enable_chunked_encoding()  # what aiohttp does implicitly; explicit for the sink
     await resp.prepare(request)  # StreamResponse sends its headers right away

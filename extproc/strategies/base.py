@@ -47,6 +47,9 @@ class RequestFacts:
     prefix_guard_abs: float = 8.0
     prefix_guard_rel: float = 1.5
     prompt_hashes: tuple[int, ...] = ()  # chained block hashes of the prompt (prefix index keys)
+    # The gateway's subset hint (endpoint-picker protocol): pick only among backends at these
+    # IPs. None = no hint (the whole pool).
+    subset: frozenset[str] | None = None
 
 
 Choice = BackendView | tuple[BackendView, str]

@@ -76,6 +76,9 @@ def _rendered_variants() -> dict[str, str]:
         ),
         # The compose file with failure_mode_allow: false (docs/envoy.md, "Fail-closed").
         "rendered-compose-fail-closed": render_fail_closed(),
+        # The gateways' own styles as devstack runs them (docs/envoy.md, "Gateway configs").
+        "rendered-gie-reference": render_local_config(**common, template=ENVOY_DIR / "gie-reference.yaml"),
+        "rendered-istio-style": render_local_config(**common, template=ENVOY_DIR / "istio-style.yaml"),
     }
 
 
@@ -90,7 +93,8 @@ def _all_configs(tmp_dir: Path) -> list[Path]:
 
 def test_every_envoy_config_validates(envoy_bin: str, tmp_path: Path) -> None:
     configs = _all_configs(tmp_path)
-    assert any(p.name == "envoy.yaml" for p in configs), "envoy/envoy.yaml missing"
+    names = {p.name for p in configs}
+    assert {"envoy.yaml", "gie-reference.yaml", "istio-style.yaml"} <= names, names
     problems = []
     for path in configs:
         result = validate_envoy_config(path)

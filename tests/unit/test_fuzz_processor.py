@@ -98,7 +98,10 @@ class Harness:
         answer = b.check_answer(req, outcome.response, token)
         if token is not None:
             assert any(token.record is r for r in self.reg.records), "token of a record outside the pool"
-            stream.tokens.append(token)
+            assert stream.state.token is token, "the stream state does not hold its pick"
+            for old in stream.tokens:  # a second decision on one stream replaces the first
+                self.model.released(old)
+            stream.tokens[:] = [token]
             self.model.picked(token)
         kind = req.WhichOneof("request")
         _note(f"{kind} -> {answer.kind}{' routed' if answer.endpoints else ''}{' ' + str(answer.status) if answer.status else ''}"
@@ -147,8 +150,8 @@ class Harness:
 
     def close(self, stream: Stream) -> None:
         """What ExtProcHandler.process does when the stream ends."""
+        self.proc.finish(stream.state)
         for token in stream.tokens:
-            self.reg.on_done(token)
             self.model.released(token)
         stream.tokens.clear()
 

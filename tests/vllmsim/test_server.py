@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from typing import Any
 
@@ -11,6 +12,7 @@ import orjson
 import pytest
 
 from vllmsim import tokenizer
+from vllmsim.config import parse_args
 
 from .conftest import metric, parse_metrics, poll
 
@@ -301,3 +303,26 @@ async def test_same_seed_same_answer_on_every_instance(sim_factory, http) -> Non
             answers.append((await r.json())["choices"][0]["text"])
             pods.add(r.headers["x-inference-pod"])
     assert answers[0] == answers[1] and len(pods) == 2
+
+
+async def test_debug_echo_names_the_body_and_destination_it_received(sim_factory, http) -> None:
+    assert parse_args(["--debug-echo"]).debug_echo and not parse_args([]).debug_echo
+    base, _ = await sim_factory(debug_echo=True)
+    raw = orjson.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                        "pad": "x" * 100_000})
+    for stream in (False, True):
+        body = raw if not stream else raw[:-1] + b',"stream":true}'
+        async with http.post(f"{base}/v1/chat/completions", data=body,
+                             headers={"content-type": "application/json",
+                                      "x-gateway-destination-endpoint": "10.0.0.1:8000,10.0.0.2:8000"}
+                             ) as r:
+            assert r.status == 200, await r.text()
+            assert r.headers["x-vllmsim-body-bytes"] == str(len(body))
+            assert r.headers["x-vllmsim-body-sha256"] == hashlib.sha256(body).hexdigest()
+            assert r.headers["x-vllmsim-destination"] == "10.0.0.1:8000,10.0.0.2:8000"
+    # Bad requests echo too (what arrived is the point); no echo without the flag.
+    async with http.post(f"{base}/v1/completions", data=b"{not json") as r:
+        assert r.status == 400 and r.headers["x-vllmsim-body-bytes"] == "9"
+    plain, _ = await sim_factory()
+    async with http.post(f"{plain}/v1/completions", json={"prompt": "a", "max_tokens": 1}) as r:
+        assert r.status == 200 and "x-vllmsim-body-sha256" not in r.headers

@@ -59,6 +59,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "files (a certificate in the log dir that Envoy verifies); default plaintext",
     )
     p.add_argument(
+        "--envoy-config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="Envoy config to run instead of envoy/envoy.yaml, e.g. envoy/gie-reference.yaml (then also "
+        "--service-arg=--fallback-endpoints=0) or envoy/istio-style.yaml; only its addresses are rewritten",
+    )
+    p.add_argument(
         "--no-restart",
         action="store_true",
         help="do not restart the service or Envoy when they die (they are reported either way)",
@@ -94,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(wanted) != args.backends + 4:
         print("devstack: the chosen ports overlap", file=sys.stderr)
         return 2
+    if args.envoy_config is not None and not args.envoy_config.is_file():
+        print(f"devstack: --envoy-config {args.envoy_config}: no such file", file=sys.stderr)
+        return 2
     busy = _busy_ports(wanted)
     if busy:
         for line in busy:
@@ -123,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         envoy_admin_port=args.envoy_admin_port,
         envoy_concurrency=args.envoy_concurrency,
         extproc_tls=args.extproc_tls,
+        envoy_template=args.envoy_config,
     )
     print(
         f"devstack: starting {args.backends} simulators, the service and Envoy (logs: {args.log_dir}/) ...",

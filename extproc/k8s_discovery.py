@@ -36,9 +36,8 @@ import httpx2 as httpx
 import msgspec
 from lightkube import AsyncClient, KubeConfig
 from lightkube.config.kubeconfig import SingleConfig
-from lightkube.core.exceptions import ApiError
+from lightkube.core.exceptions import ApiError, NotReadyError
 from lightkube.core.exceptions import ConfigError as LightkubeConfigError
-from lightkube.core.exceptions import NotReadyError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Pod
 
@@ -47,8 +46,7 @@ from extproc.supervise import spawn
 
 log = logging.getLogger(__name__)
 
-POOL_GROUP, POOL_VERSION, POOL_KIND, POOL_PLURAL = "inference.networking.k8s.io", "v1", "InferencePool", "inferencepools"
-InferencePool = create_namespaced_resource(POOL_GROUP, POOL_VERSION, POOL_KIND, POOL_PLURAL)
+InferencePool = create_namespaced_resource("inference.networking.k8s.io", "v1", "InferencePool", "inferencepools")
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 DEFAULT_KUBECONFIG = Path("~/.kube/config")
@@ -166,7 +164,8 @@ def pod_endpoints(pods: Iterable[Pod], labels: Mapping[str, str], ports: Iterabl
         try:
             urls.update(backend_url(pod.status.podIP, port) for port in port_list)
         except ValueError:
-            log.warning("pod %s has an unparsable IP %r; skipped", pod.metadata.name, pod.status.podIP)
+            log.warning("pod %s has an unparsable IP %r; skipped",
+                        pod.metadata.name if pod.metadata else "?", pod.status.podIP)
     return sorted(urls)
 
 
@@ -250,10 +249,6 @@ def describe_error(exc: BaseException) -> str:
     return f"HTTP {code} {text}" if code else text
 
 
-class _Gone(Exception):
-    """The resourceVersion we watch from is too old (410): list again."""
-
-
 @dataclass
 class WatchTiming:
     watch_seconds: float = 60.0  # every watch is reopened after this long (server timeoutSeconds too)
@@ -280,13 +275,14 @@ class _ListWatch:
     ) -> None:
         self.client, self.res, self.namespace, self.what = client, res, namespace, what
         self.on_list, self.on_event = on_list, on_event
-        self.labels, self.fields = labels, fields
+        self.labels: dict[str, Any] | None = dict(labels) if labels else None
+        self.fields: dict[str, Any] | None = dict(fields) if fields else None
         self.timing = timing
         self.backoff = Backoff(timing.backoff, timing.max_backoff, rng)
         self.rng = rng
         self.version: str | None = None  # last resourceVersion seen; None = list first
-        self.lists = 0
         self.failures = 0  # consecutive
+        self.gone = 0  # 410s since the last watch event
 
     async def run(self) -> None:
         # Every (re)start lists first: a restart after a crash must not skip the event it crashed on.
@@ -296,25 +292,27 @@ class _ListWatch:
                 if self.version is None:
                     await self._list()
                 await self._watch()
-            except _Gone:
-                log.info("kubernetes: %s: resourceVersion %s expired (410 Gone); listing again", self.what, self.version)
-                self.version = None
             except API_ERRORS as exc:
-                if status_code(exc) == 410:
-                    log.info("kubernetes: %s: 410 Gone; listing again", self.what)
+                if status_code(exc) == 410:  # an HTTP status or a watch ERROR event: too old
+                    log.info("kubernetes: %s: resourceVersion %s expired (410 Gone); listing again",
+                             self.what, self.version)
                     self.version = None
+                    self.gone += 1
+                    if self.gone > 1:  # Gone again right after a list: do not spin on it
+                        await asyncio.sleep(self.backoff.next())
                     continue
                 self.failures += 1
                 delay = self.backoff.next()
-                log.warning("kubernetes: %s failed (%d in a row): %s; keeping the last known backends, retrying in %.1f s",
-                            self.what, self.failures, describe_error(exc), delay)
+                log.warning("kubernetes: %s failed (%d in a row): %s; keeping the last known backends, "
+                            "retrying in %.1f s", self.what, self.failures, describe_error(exc), delay)
                 await asyncio.sleep(delay)
 
     def _recovered(self) -> None:
         if self.failures:
             log.info("kubernetes: %s: API answers again after %d failure(s)", self.what, self.failures)
         self.failures = 0
-        self.backoff.reset()
+        if not self.gone:  # a list that keeps ending in 410 is no recovery
+            self.backoff.reset()
 
     async def _list(self) -> None:
         listing = self.client.list(self.res, namespace=self.namespace, labels=self.labels, fields=self.fields)
@@ -325,7 +323,6 @@ class _ListWatch:
             self.version = listing.resourceVersion
         except NotReadyError:  # a reply without metadata.resourceVersion: watch from "any"
             self.version = "0"
-        self.lists += 1
         self._recovered()
         self.on_list(items)
 
@@ -340,6 +337,7 @@ class _ListWatch:
         try:
             async with asyncio.timeout(window + 1.0), contextlib.aclosing(events):  # type: ignore[type-var]
                 async for kind, obj in events:
+                    self.gone = 0
                     self._recovered()
                     version = obj.metadata.resourceVersion if obj.metadata else None
                     if version:
@@ -348,10 +346,6 @@ class _ListWatch:
                         self.on_event(kind, obj)
         except TimeoutError:
             pass  # window over: reopen from self.version (not an error)
-        except ApiError as exc:
-            if status_code(exc) == 410:
-                raise _Gone from exc
-            raise
 
 
 # ------------------------------------------------------------------ discovery
@@ -447,7 +441,8 @@ class K8sDiscovery:
             try:
                 target = pool_target(pool)
             except ValueError as exc:
-                log.error("kubernetes: InferencePool %s/%s is unusable: %s; no backends", self.namespace, self.pool, exc)
+                log.error("kubernetes: InferencePool %s/%s is unusable: %s; no backends",
+                          self.namespace, self.pool, exc)
         if target == self._target and (target is None or self._pods_task is not None):
             self._maybe_synced()
             return

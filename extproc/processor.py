@@ -356,6 +356,10 @@ class Processor:
         if isinstance(strategy, bytes):
             return self._immediate(strategy, state, 400)
         path = route_path(headers.get(":path", ""))
+        if msg.end_of_stream and path in LLM_PATHS and headers.get(":method") == "POST":
+            # A generation request without a body: the same 400 as an unparsable one.
+            state.headers, state.strategy = headers, strategy
+            return self._decide_on_body(b"", True, state, "request_headers")
         if not msg.end_of_stream and path in LLM_PATHS:
             # Decide when the body arrives: the model, prompt and user live there.
             if state.body_mode in _BUFFERED_MODES:

@@ -146,7 +146,9 @@ def _cel_rules(obj: Obj) -> list[str]:
     spec = obj.get("spec", {})
     ref = spec.get("endpointPickerRef")
     if ref is not None and ref.get("kind", "Service") == "Service" and "port" not in ref:
-        errors.append("spec.endpointPickerRef: port is required when kind is 'Service' or unspecified")
+        errors.append(
+            "spec.endpointPickerRef: port is required when kind is 'Service' or unspecified"
+        )
     numbers = [p.get("number") for p in spec.get("targetPorts", [])]
     if len(numbers) != len(set(numbers)):
         errors.append("spec.targetPorts: port number must be unique")

@@ -50,19 +50,29 @@ def status(code: int, reason: str, message: str) -> dict[str, Any]:
 
 
 def parse_label_selector(text: str) -> Callable[[Mapping[str, str]], bool]:
-    terms: list[Callable[[Mapping[str, str]], bool]] = []
+    """``k=v``, ``k==v``, ``k!=v``, ``k`` (exists), ``!k`` (absent), comma = and."""
+    terms: list[tuple[str, str, str]] = []  # (op, key, value)
     for raw in filter(None, (t.strip() for t in text.split(","))):
         if "!=" in raw:
             k, v = (p.strip() for p in raw.split("!=", 1))
-            terms.append(lambda labels, k=k, v=v: labels.get(k) != v)
+            terms.append(("!=", k, v))
         elif "=" in raw:
             k, v = (p.strip() for p in raw.replace("==", "=").split("=", 1))
-            terms.append(lambda labels, k=k, v=v: labels.get(k) == v)
+            terms.append(("=", k, v))
         elif raw.startswith("!"):
-            terms.append(lambda labels, k=raw[1:]: k not in labels)
+            terms.append(("absent", raw[1:], ""))
         else:
-            terms.append(lambda labels, k=raw: k in labels)
-    return lambda labels: all(t(labels) for t in terms)
+            terms.append(("exists", raw, ""))
+
+    def matches(labels: Mapping[str, str]) -> bool:
+        for op, k, v in terms:
+            ok = {"=": labels.get(k) == v, "!=": labels.get(k) != v,
+                  "absent": k not in labels, "exists": k in labels}[op]
+            if not ok:
+                return False
+        return True
+
+    return matches
 
 
 def parse_field_selector(text: str) -> Callable[[Mapping[str, Any]], bool]:
@@ -255,10 +265,8 @@ class FakeKube:
         assert self._runner is not None
         self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await self._site.start()
-        if not self.port:
-            server = self._site._server
-            assert server is not None and server.sockets  # type: ignore[union-attr]
-            self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        if not self.port:  # bound to port 0: keep the kernel's pick for restarts after "refused"
+            self.port = int(self._runner.addresses[0][1])
 
     async def _unlisten(self) -> None:
         if self._site is not None:

@@ -50,7 +50,10 @@ def _bash(script: str, admin_port: int, timeout: float = 10.0) -> subprocess.Com
     assert ADMIN in script, "the command no longer talks to the admin address the config has"
     return subprocess.run(
         ["bash", "-c", script.replace(ADMIN, f"/dev/tcp/127.0.0.1/{admin_port}")],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -63,7 +66,9 @@ def _drain_flags(container: dict[str, Any]) -> list[str]:
 
 
 @pytest.fixture
-def live_envoy(envoy_bin: str, log_dir: Path, envoy_container: dict[str, Any]) -> Iterator[tuple[int, int]]:
+def live_envoy(
+    envoy_bin: str, log_dir: Path, envoy_container: dict[str, Any]
+) -> Iterator[tuple[int, int]]:
     """A real Envoy with envoy.yaml's loopback variant and the Deployment's drain flags."""
     admin, listener = free_port(), free_port()
     cfg = render_local_config(
@@ -72,7 +77,9 @@ def live_envoy(envoy_bin: str, log_dir: Path, envoy_container: dict[str, Any]) -
         extproc_address=("127.0.0.1", free_port()),
         backends=[("127.0.0.1", free_port())],
     )
-    proc: Proc = start_envoy(cfg, log_dir=log_dir, admin_port=admin, extra_args=_drain_flags(envoy_container))
+    proc: Proc = start_envoy(
+        cfg, log_dir=log_dir, admin_port=admin, extra_args=_drain_flags(envoy_container)
+    )
     try:
         yield admin, listener
     finally:
@@ -90,7 +97,9 @@ def _connection_header(port: int) -> str | None:
         conn.close()
 
 
-def test_probes_and_prestop_work_against_envoy(live_envoy: tuple[int, int], envoy_container: dict[str, Any]) -> None:
+def test_probes_and_prestop_work_against_envoy(
+    live_envoy: tuple[int, int], envoy_container: dict[str, Any]
+) -> None:
     admin, listener = live_envoy
     readiness = envoy_container["readinessProbe"]["exec"]["command"]
     assert readiness[:2] == ["bash", "-c"]

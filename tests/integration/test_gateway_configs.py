@@ -137,6 +137,13 @@ def test_every_gateway_config_loads_through_devstack() -> None:
         render_local_config_dict(**kwargs, template=GIE, direct_listener_port=20006)
 
 
+def test_make_run_refuses_a_missing_envoy_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from devstack.__main__ import main
+
+    assert main(["--envoy-config", str(tmp_path / "nope.yaml")]) == 2
+    assert "--envoy-config" in capsys.readouterr().err
+
+
 def _hcm(cfg: dict[str, Any]) -> dict[str, Any]:
     (listener,) = cfg["static_resources"]["listeners"]
     (f,) = [f for f in listener["filter_chains"][0]["filters"] if f["name"] == HCM_FILTER]

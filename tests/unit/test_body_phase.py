@@ -21,9 +21,9 @@ from .helpers import registry, scrape_ok, vm
 BUFFERED = ProcessingMode.BUFFERED
 
 
-def headers_req(path="/v1/chat/completions", end_of_stream=False, body_mode=BUFFERED, **headers):
+def headers_req(path="/v1/chat/completions", end_of_stream=False, body_mode=BUFFERED, method="POST", **headers):
     hv = [base_pb2.HeaderValue(key=":path", raw_value=path.encode()),
-          base_pb2.HeaderValue(key=":method", raw_value=b"POST")]
+          base_pb2.HeaderValue(key=":method", raw_value=method.encode())]
     hv += [base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in headers.items()]
     req = ep.ProcessingRequest(
         request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv), end_of_stream=end_of_stream)
@@ -86,7 +86,7 @@ def test_paths_not_understood_are_routed_without_the_body():
 def test_get_without_body_is_routed_at_headers():
     proc, _ = make()
     resp = ep.ProcessingResponse.FromString(
-        proc.handle(headers_req(path="/v1/chat/completions", end_of_stream=True), StreamState()).response
+        proc.handle(headers_req(path="/v1/chat/completions", end_of_stream=True, method="GET"), StreamState()).response
     )
     assert resp.request_headers.response.HasField("header_mutation")
 

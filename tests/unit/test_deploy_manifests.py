@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +97,14 @@ def _port_of(address: str) -> int:
 
 def test_every_manifest_is_applied_by_some_kustomization() -> None:
     included = {p for entry in ENTRY_POINTS for p in included_files(entry)}
-    assert set(_manifest_files()) == included, "a manifest no kustomization applies, or a missing one"
+    assert set(_manifest_files()) == included, (
+        "a manifest no kustomization applies, or a missing one"
+    )
 
 
-@pytest.mark.parametrize("directory", [BASE, EXAMPLES, EXAMPLES / "vllm", STANDALONE, DEPLOY / "crds"])
+@pytest.mark.parametrize(
+    "directory", [BASE, EXAMPLES, EXAMPLES / "vllm", STANDALONE, DEPLOY / "crds"]
+)
 def test_kustomizations_render(directory: Path) -> None:
     objs = render(directory)
     assert objs
@@ -124,7 +129,11 @@ def _kubectl() -> str:
 
 def _kustomize(kubectl: str, directory: Path) -> list[Obj]:
     out = subprocess.run(
-        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=False
+        [kubectl, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
@@ -212,7 +221,11 @@ def test_the_crd_check_refuses_bad_pools(objs: list[Obj], change: Any, error: st
 
 def test_the_pool_uses_only_fields_every_v1_crd_has(objs: list[Obj]) -> None:
     # appProtocol exists only from v1.4.0 on (deploy/crds/README.md): older CRDs would refuse it.
-    assert set(find(objs, "InferencePool", POOL)["spec"]) == {"selector", "targetPorts", "endpointPickerRef"}
+    assert set(find(objs, "InferencePool", POOL)["spec"]) == {
+        "selector",
+        "targetPorts",
+        "endpointPickerRef",
+    }
 
 
 def test_the_vendored_crd_is_the_released_file() -> None:
@@ -231,7 +244,9 @@ def test_pool_selects_the_vllm_pods_on_their_port(objs: list[Obj]) -> None:
     vllm = find(objs, "Deployment", "vllm")
     assert selects(pool["selector"]["matchLabels"], vllm["spec"]["template"]["metadata"]["labels"])
     (server,) = containers(vllm)
-    assert {p["number"] for p in pool["targetPorts"]} == {p["containerPort"] for p in server["ports"]}
+    assert {p["number"] for p in pool["targetPorts"]} == {
+        p["containerPort"] for p in server["ports"]
+    }
     # The pods only join the pool once vLLM's /health answers (readiness on the served port).
     probe = server["readinessProbe"]["httpGet"]
     assert probe["path"] == "/health"
@@ -243,15 +258,23 @@ def test_endpoint_picker_ref_is_our_grpc_service_port(objs: list[Obj]) -> None:
     assert ref.get("kind", "Service") == "Service" and ref.get("group", "") == ""
     service = find(objs, "Service", ref["name"])
     (port,) = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]["number"]]
-    assert selects(service["spec"]["selector"], _epp(objs)["spec"]["template"]["metadata"]["labels"])
+    assert selects(
+        service["spec"]["selector"], _epp(objs)["spec"]["template"]["metadata"]["labels"]
+    )
     settings = _epp_settings(objs)
-    assert container_port(_epp_container(objs), port["targetPort"]) == _port_of(settings.grpc_address)
+    assert container_port(_epp_container(objs), port["targetPort"]) == _port_of(
+        settings.grpc_address
+    )
 
 
 def test_every_service_selects_pods_and_their_ports(objs: list[Obj]) -> None:
     deployments = [o for o in objs if o["kind"] == "Deployment"]
     for svc in (o for o in objs if o["kind"] == "Service"):
-        (dep,) = [d for d in deployments if selects(svc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])]
+        (dep,) = [
+            d
+            for d in deployments
+            if selects(svc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
+        ]
         (c,) = containers(dep)
         for p in svc["spec"]["ports"]:
             container_port(c, p["targetPort"])  # raises when the port does not exist
@@ -259,7 +282,9 @@ def test_every_service_selects_pods_and_their_ports(objs: list[Obj]) -> None:
 
 def test_every_deployment_selects_its_own_pods(objs: list[Obj]) -> None:
     for dep in (o for o in objs if o["kind"] == "Deployment"):
-        assert selects(dep["spec"]["selector"]["matchLabels"], dep["spec"]["template"]["metadata"]["labels"])
+        assert selects(
+            dep["spec"]["selector"]["matchLabels"], dep["spec"]["template"]["metadata"]["labels"]
+        )
 
 
 def _probe_port(container: Obj, probe: Obj) -> int | None:
@@ -304,7 +329,9 @@ def test_the_service_accepts_its_arguments(objs: list[Obj]) -> None:
     c = _epp_container(objs)
     assert settings.tls_self_signed, "gateways speak TLS to an endpoint picker"
     assert settings.k8s_inference_pool == POOL
-    assert settings.grpc_address.startswith("0.0.0.0:") and settings.admin_address.startswith("0.0.0.0:")
+    assert settings.grpc_address.startswith("0.0.0.0:") and settings.admin_address.startswith(
+        "0.0.0.0:"
+    )
     assert container_port(c, "grpc") == _port_of(settings.grpc_address) == 9002
     assert container_port(c, "grpc-health") == _port_of(settings.grpc_health_address) == 9003
     assert container_port(c, "admin") == _port_of(settings.admin_address) == 9090
@@ -317,7 +344,10 @@ def test_probes_are_native_grpc_health_checks_on_the_plaintext_port(objs: list[O
     c = _epp_container(objs)
     settings = _epp_settings(objs)
     for probe, service in (("livenessProbe", "liveness"), ("readinessProbe", "readiness")):
-        assert c[probe]["grpc"] == {"port": _port_of(settings.grpc_health_address), "service": service}
+        assert c[probe]["grpc"] == {
+            "port": _port_of(settings.grpc_health_address),
+            "service": service,
+        }
     # Not the TLS port: the kubelet's gRPC probe cannot speak TLS.
     assert c["readinessProbe"]["grpc"]["port"] != _port_of(settings.grpc_address)
 
@@ -328,12 +358,21 @@ def test_grace_period_outlasts_the_drain(objs: list[Obj]) -> None:
     assert grace > settings.drain_seconds + settings.stop_grace
     # The pool's pods give running generations at least as long (the picker keeps routing
     # nothing new to a terminating pod, but the gateway's streams through it must finish).
-    assert find(objs, "Deployment", "vllm")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= grace
+    assert (
+        find(objs, "Deployment", "vllm")["spec"]["template"]["spec"][
+            "terminationGracePeriodSeconds"
+        ]
+        >= grace
+    )
 
 
 def test_service_ports(objs: list[Obj]) -> None:
     ports = {p["name"]: p for p in find(objs, "Service", EPP)["spec"]["ports"]}
-    assert {n: p["port"] for n, p in ports.items()} == {"grpc": 9002, "grpc-health": 9003, "http-metrics": 9090}
+    assert {n: p["port"] for n, p in ports.items()} == {
+        "grpc": 9002,
+        "grpc-health": 9003,
+        "http-metrics": 9090,
+    }
     # Port 9002 speaks TLS: no appProtocol claiming cleartext HTTP/2 there.
     assert "appProtocol" not in ports["grpc"]
     assert ports["grpc-health"]["appProtocol"] == "kubernetes.io/h2c"
@@ -343,21 +382,30 @@ def test_rbac_is_exactly_read_only_pods_and_inferencepools(objs: list[Obj]) -> N
     assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     (role,) = [o for o in objs if o["kind"] == "Role"]
     rules = sorted(
-        (tuple(r["apiGroups"]), tuple(r["resources"]), tuple(sorted(r["verbs"]))) for r in role["rules"]
+        (tuple(r["apiGroups"]), tuple(r["resources"]), tuple(sorted(r["verbs"])))
+        for r in role["rules"]
     )
     assert rules == [
         (("",), ("pods",), ("get", "list", "watch")),
         (("inference.networking.k8s.io",), ("inferencepools",), ("get", "list", "watch")),
     ]
     (binding,) = [o for o in objs if o["kind"] == "RoleBinding"]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     sa = _epp(objs)["spec"]["template"]["spec"]["serviceAccountName"]
     find(objs, "ServiceAccount", sa)
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "default"}]
 
 
 def _dockerfile_uid() -> int:
-    users = [ln.split()[1] for ln in (ROOT / "Dockerfile").read_text(encoding="utf-8").splitlines() if ln.startswith("USER ")]
+    users = [
+        ln.split()[1]
+        for ln in (ROOT / "Dockerfile").read_text(encoding="utf-8").splitlines()
+        if ln.startswith("USER ")
+    ]
     return int(users[-1].split(":")[0])
 
 
@@ -426,7 +474,12 @@ def test_configmap_differs_from_envoy_yaml_only_in_addresses_and_tls(objs: list[
     clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
     # Still DNS clusters (headless Services: one host per pod), same cluster types as compose.
     for name in (EXTPROC_CLUSTER, VLLM_CLUSTER):
-        assert clusters[name]["cluster_type"] == {c["name"]: c for c in template["static_resources"]["clusters"]}[name]["cluster_type"]
+        assert (
+            clusters[name]["cluster_type"]
+            == {c["name"]: c for c in template["static_resources"]["clusters"]}[name][
+                "cluster_type"
+            ]
+        )
     tls = clusters[EXTPROC_CLUSTER]["transport_socket"]
     assert tls["name"] == "envoy.transport_sockets.tls"
     assert "transport_socket" not in clusters[VLLM_CLUSTER]
@@ -464,7 +517,9 @@ def test_envoy_deployment_serves_the_configmap(objs: list[Obj]) -> None:
     (c,) = containers(dep)
     config_path = Path(c["args"][c["args"].index("-c") + 1])
     (mount,) = [m for m in c["volumeMounts"] if Path(m["mountPath"]) == config_path.parent]
-    (volume,) = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    (volume,) = [
+        v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+    ]
     assert volume["configMap"]["name"] == ENVOY
     assert config_path.name in find(objs, "ConfigMap", ENVOY)["data"]
     cfg = _configmap_envoy(objs)
@@ -494,7 +549,77 @@ def test_envoy_heap_budget_fits_the_memory_limit(objs: list[Obj]) -> None:
 def test_envoy_readiness_matches_the_compose_healthcheck(objs: list[Obj]) -> None:
     (c,) = containers(find(objs, "Deployment", ENVOY))
     compose = yaml.safe_load((ROOT / "docker-compose.yaml").read_text(encoding="utf-8"))
-    assert c["readinessProbe"]["exec"]["command"] == compose["services"]["envoy"]["healthcheck"]["test"][1:]
+    assert (
+        c["readinessProbe"]["exec"]["command"]
+        == compose["services"]["envoy"]["healthcheck"]["test"][1:]
+    )
     # preStop drains for a while, within the grace period.
-    sleep = int(re.search(r"sleep (\d+)$", c["lifecycle"]["preStop"]["exec"]["command"][-1]).group(1))  # type: ignore[union-attr]
-    assert sleep < find(objs, "Deployment", ENVOY)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    m = re.search(r"sleep (\d+)$", c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert m, "preStop no longer waits for running requests"
+    sleep = int(m.group(1))
+    assert (
+        sleep
+        < find(objs, "Deployment", ENVOY)["spec"]["template"]["spec"][
+            "terminationGracePeriodSeconds"
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- docs/kubernetes.md
+
+DOC = ROOT / "docs" / "kubernetes.md"
+
+
+def _doc_yaml_blocks() -> list[str]:
+    blocks = re.findall(
+        r"^( *)```yaml\n(.*?)^ *```", DOC.read_text(encoding="utf-8"), flags=re.S | re.M
+    )
+    return [textwrap.dedent(body) for _, body in blocks]
+
+
+def test_docs_manifests_are_valid() -> None:
+    pools = 0
+    for block in _doc_yaml_blocks():
+        if block.startswith("# my-llm/kustomization.yaml"):
+            continue  # overlays: rendered by the next test
+        for doc in (d for d in yaml.safe_load_all(block) if d):
+            assert doc.get("apiVersion") and doc.get("kind"), block
+            if doc["kind"] == "InferencePool":
+                pools += 1
+                assert inferencepool_errors(doc) == []
+                ref = doc["spec"]["endpointPickerRef"]
+                assert (ref["name"], ref["port"]["number"]) == (EPP, 9002)
+                continue
+            try:
+                kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+            except kubernetes_validate.SchemaNotFoundError:
+                pass  # Gateway API and Istio kinds: no bundled schema
+    assert pools >= 1
+
+
+def _doc_overlay(marker: str) -> Obj:
+    (block,) = [b for b in _doc_yaml_blocks() if b.startswith(f"# {marker}\n")]
+    data: Obj = yaml.safe_load(block)
+    return data
+
+
+def test_docs_overlays_render(tmp_path: Path) -> None:
+    kubectl = _kubectl()
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    overlay = tmp_path / "my-llm"
+    overlay.mkdir()
+    install = _doc_overlay("my-llm/kustomization.yaml")
+    (overlay / KUSTOMIZATION).write_text(yaml.safe_dump(install), encoding="utf-8")
+    objs = _kustomize(kubectl, overlay)
+    assert {o["metadata"].get("namespace") for o in objs} == {install["namespace"]}
+    assert _epp_container(objs)["image"].startswith(install["images"][0]["newName"] + ":")
+
+    # kgateway / Envoy AI Gateway: the same overlay plus the patch that adds --fallback-endpoints 0.
+    kgateway = {
+        **install,
+        **_doc_overlay("my-llm/kustomization.yaml (continued): one more argument for the service"),
+    }
+    (overlay / KUSTOMIZATION).write_text(yaml.safe_dump(kgateway), encoding="utf-8")
+    settings = _epp_settings(_kustomize(kubectl, overlay))
+    assert settings.fallback_endpoints == 0
+    assert settings.k8s_inference_pool == POOL and settings.tls_self_signed

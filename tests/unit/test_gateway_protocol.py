@@ -332,3 +332,13 @@ def test_no_destination_answer_removes_a_client_sent_header():
     proc = Processor(reg, default_strategy="random", fallback=FALLBACKS["random"], metrics=Metrics())
     resp = decode(proc.handle(headers_req(path="/v1/models", end_of_stream=True, body_mode=None), StreamState()).response)
     assert list(resp.request_headers.response.header_mutation.remove_headers) == ["x-gateway-destination-endpoint"]
+
+
+def test_generation_post_without_a_body_is_400():
+    proc, reg = make()
+    for mode in (None, ProcessingMode.BUFFERED, DUPLEX):
+        out = proc.handle(headers_req(end_of_stream=True, body_mode=mode), StreamState())
+        resp = decode(out.response)
+        assert resp.immediate_response.status.code == 400, mode
+        assert orjson.loads(resp.immediate_response.body)["error"]["code"] == "invalid_json"
+    assert reg.snapshot().pending == (0, 0, 0)

@@ -69,8 +69,7 @@ def exposed_series() -> dict[str, set[str]]:
     metrics.handler_error()
     metrics.loop_lag(0.01)
     metrics.serving.set(1)
-    if hasattr(metrics, "served"):  # the served-endpoint counter (issue 8, item 3)
-        metrics.served("pick")
+    metrics.served("pick")
     text = generate_latest(metrics.registry).decode()
     out: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):
@@ -93,8 +92,24 @@ def known_series() -> dict[str, set[str]]:
 # --------------------------------------------------------------------------- PromQL
 
 _WORDS = {
-    "sum", "avg", "min", "max", "count", "topk", "bottomk", "by", "without", "on", "ignoring",
-    "group_left", "group_right", "and", "or", "unless", "bool", "offset",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "count",
+    "topk",
+    "bottomk",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
 }
 
 
@@ -106,7 +121,7 @@ def metric_names(expr: str) -> set[str]:
     s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", s)
     names = set()
     for m in re.finditer(r"(?<![\w:.$])[A-Za-z_:][\w:]*", s):
-        word, rest = m.group(0), s[m.end():].lstrip()
+        word, rest = m.group(0), s[m.end() :].lstrip()
         if rest.startswith("(") or word in _WORDS:
             continue  # a function or an aggregation
         names.add(word)
@@ -123,7 +138,10 @@ def grouping_labels(expr: str) -> set[str]:
 
 
 def test_metric_name_extraction() -> None:
-    expr = 'histogram_quantile(0.99, sum by (le) (rate(extproc_decisionz_seconds_bucket{job=~"$job"}[$__rate_interval])))'
+    expr = (
+        "histogram_quantile(0.99, sum by (le) "
+        '(rate(extproc_decisionz_seconds_bucket{job=~"$job"}[$__rate_interval])))'
+    )
     assert metric_names(expr) == {"extproc_decisionz_seconds_bucket"}
     assert grouping_labels(expr) == {"le"}
     assert metric_names("sum(a_total) / sum(b_total) and on(x) c") == {"a_total", "b_total", "c"}
@@ -206,9 +224,17 @@ def test_every_series_exists_with_the_grouped_labels(dashboard: dict[str, Any]) 
                 assert var in variables, f"${var} is not a dashboard variable: {expr}"
     assert not problems, "\n".join(problems)
     # Our own metrics are covered, not just the GIE ones.
-    for core in ("extproc_decisions_total", "extproc_decision_seconds_bucket", "extproc_rejections_total",
-                 "extproc_scrapes_total", "extproc_inflight_requests", "extproc_serving",
-                 "extproc_event_loop_lag_seconds_bucket", "extproc_backend_healthy",
-                 "extproc_backend_metrics_age_seconds", "inference_pool_ready_pods",
-                 "inference_objective_request_total"):
+    for core in (
+        "extproc_decisions_total",
+        "extproc_decision_seconds_bucket",
+        "extproc_rejections_total",
+        "extproc_scrapes_total",
+        "extproc_inflight_requests",
+        "extproc_serving",
+        "extproc_event_loop_lag_seconds_bucket",
+        "extproc_backend_healthy",
+        "extproc_backend_metrics_age_seconds",
+        "inference_pool_ready_pods",
+        "inference_objective_request_total",
+    ):
         assert core in seen, core

@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx2 as httpx
 import pytest
@@ -55,7 +55,7 @@ def pod(name: str = "p", ip: str | None = "10.0.0.1", *, ready: bool = True, lab
                                {"type": "Ready", "status": "True" if ready else "False"}]}
     if ip:
         status["podIP"] = ip
-    return Pod.from_dict({"metadata": meta, "status": status})
+    return cast(Pod, Pod.from_dict({"metadata": meta, "status": status}))
 
 
 @pytest.mark.parametrize("text, labels", [
@@ -467,7 +467,7 @@ async def test_not_synced_while_the_api_is_down_at_start(tmp_path: Path, monkeyp
 async def test_watches_are_reopened_from_the_last_version_without_a_relist(
         k8s: FakeKube, discover: Callable[..., Any]) -> None:
     k8s.add_pod("a", "127.0.0.2", {"app": "vllm"})
-    d, changes = await discover(selector={"app": "vllm"}, ports=[8000])
+    _, changes = await discover(selector={"app": "vllm"}, ports=[8000])
     await until(lambda: changes.last == urls("127.0.0.2"), "initial list")
     watches = k8s.requests("watch", PODS)
     await until(lambda: k8s.requests("watch", PODS) >= watches + 2, "watch windows ending", timeout=10)
@@ -491,8 +491,79 @@ async def test_unexpected_errors_are_counted_and_the_watch_restarts(k8s: FakeKub
         original(self, kind, p)
 
     monkeypatch.setattr(K8sDiscovery, "_pod_event", flaky)
-    d, changes = await discover(selector={"app": "vllm"}, ports=[8000])
+    _, changes = await discover(selector={"app": "vllm"}, ports=[8000])
     await until(lambda: changes.last == urls("127.0.0.2"), "initial list")
     k8s.add_pod("b", "127.0.0.3", {"app": "vllm"})  # its event raises: the task restarts and relists
     await until(lambda: changes.last == urls("127.0.0.2", "127.0.0.3"), "recovered by a relist")
     assert changes.errors == ["k8s-pods-watch"]
+
+
+async def test_the_fake_speaks_bookmarks_timeouts_and_410_like_the_api(tmp_path: Path) -> None:
+    """The fake's own protocol, read raw: the discovery tests are only as good as it is."""
+    import aiohttp
+    import orjson
+
+    fake = await asyncio.to_thread(FakeKube(bookmark_interval=0.2).start)
+    try:
+        fake.add_pod("a", "127.0.0.2", {"app": "vllm"})
+        pods = f"{fake.url}/api/v1/namespaces/default/pods"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(pods, params={"labelSelector": "app=vllm"}) as r:
+                listing = await r.json()
+            rv = listing["metadata"]["resourceVersion"]
+            assert [p["metadata"]["name"] for p in listing["items"]] == ["a"]
+            t0 = time.monotonic()
+            params = {"watch": "true", "resourceVersion": "0", "allowWatchBookmarks": "true",
+                      "timeoutSeconds": "1", "labelSelector": "app=vllm"}
+            async with s.get(pods, params=params) as r:
+                events = [orjson.loads(line) async for line in r.content if line.strip()]
+            assert 0.9 <= time.monotonic() - t0 < 5  # ended by timeoutSeconds
+            assert events[0]["type"] == "ADDED" and {e["type"] for e in events[1:]} == {"BOOKMARK"}
+            assert all(int(e["object"]["metadata"]["resourceVersion"]) >= int(rv) for e in events)
+            fake.expire("event")
+            async with s.get(pods, params={"watch": "1", "resourceVersion": rv}) as r:
+                assert r.status == 200
+                (error,) = [orjson.loads(line) async for line in r.content if line.strip()]
+            assert error["type"] == "ERROR" and error["object"]["code"] == 410
+            fake.expire("status")
+            async with s.get(pods, params={"watch": "1", "resourceVersion": rv}) as r:
+                assert r.status == 410 and (await r.json())["reason"] == "Expired"
+            async with s.get(pods + "/a") as r:
+                assert r.status == 200 and (await r.json())["status"]["podIP"] == "127.0.0.2"
+            async with s.get(pods + "/nope") as r:
+                assert r.status == 404 and (await r.json())["kind"] == "Status"
+            async with s.get(pods, params={"fieldSelector": "spec.nodeName=x"}) as r:
+                assert r.status == 400
+    finally:
+        await asyncio.to_thread(fake.stop)
+
+
+async def test_a_410_after_every_list_backs_off_instead_of_spinning(k8s: FakeKube,
+                                                                    discover: Callable[..., Any]) -> None:
+    k8s.add_pod("a", "127.0.0.2", {"app": "vllm"})
+    _, changes = await discover(selector={"app": "vllm"}, ports=[8000])
+    await until(lambda: changes.last == urls("127.0.0.2"), "initial list")
+
+    def always_gone(s: Any) -> None:  # a server whose lists are older than its compaction
+        s.compacted = 10**9
+        s.drop_watches()
+
+    k8s.do(always_gone)
+    lists = k8s.requests("list", PODS)
+    await until(lambda: k8s.requests("list", PODS) >= lists + 3, "relists")
+    t0 = time.monotonic()
+    await until(lambda: k8s.requests("list", PODS) >= lists + 6, "more relists")
+    assert time.monotonic() - t0 >= FAST.max_backoff  # paced by the backoff (a spin takes ms)
+    assert changes.last == urls("127.0.0.2")
+    k8s.do(lambda s: setattr(s, "compacted", 0))
+    k8s.add_pod("b", "127.0.0.3", {"app": "vllm"})
+    await until(lambda: changes.last == urls("127.0.0.2", "127.0.0.3"), "back to normal")
+
+
+def test_the_cli_exits_2_without_credentials(no_cluster: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from extproc.cli import main
+
+    argv = ["serve", "--k8s-selector", "app=vllm", "--k8s-target-port", "8000",
+            "--grpc-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"]
+    assert main(argv) == 2
+    assert "Kubernetes discovery needs credentials" in capsys.readouterr().err

@@ -27,7 +27,6 @@ import asyncio
 import copy
 import json
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -515,14 +514,3 @@ class FakeKube:
             state.open_watches -= 1
         return response
 
-
-def wait_until(check: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``check`` (sync) until truthy; AssertionError naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")

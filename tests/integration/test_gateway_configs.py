@@ -504,3 +504,69 @@ async def test_gie_reference_has_no_second_chance_for_a_dead_pick(tmp_path: Path
     print(f"\ngie-reference, pick {dead} dead: {len(failed)} of 9 requests failed: {failed[:1]}")
     assert failed, "the service never picked the dead simulator: the test proved nothing"
     assert all(status == 503 and b"remote connection failure" in body for status, body in failed), failed
+
+
+async def _leak_counts(http: aiohttp.ClientSession, admin_url: str) -> tuple[float, float]:
+    """(asyncio tasks alive in the service, requests it counts in flight)."""
+    async with http.get(admin_url + "/metrics") as r:
+        text = await r.text()
+    tasks = inflight = 0.0
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name == "extproc_asyncio_tasks":
+                tasks = sample.value
+            elif sample.name == "extproc_inflight_requests":
+                inflight += sample.value
+    return tasks, inflight
+
+
+async def test_a_client_leaving_mid_body_or_mid_stream_leaks_nothing(
+    gateway: tuple[str, Stack], http: aiohttp.ClientSession
+) -> None:
+    config, s = gateway
+    admin = s.service_admin_url()
+    r = await post(http, s.url, chat_body())  # warm: the stream machinery exists
+    assert r.status == 200
+    baseline = await eventually(lambda: _settled(http, admin, None))
+    host, port = s.url.removeprefix("http://").split(":")
+    # 1. Half a body, then gone: the service was collecting (duplex) or Envoy was buffering.
+    body = orjson.dumps(chat_body("x" * 50_000))
+    for _ in range(3):
+        started = await _ext_proc_streams(http, s.envoy_admin_url)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2]
+        )
+        await writer.drain()
+        # The client leaves only once Envoy has opened the request's ext_proc stream.
+        await eventually(lambda: _more_streams(http, s.envoy_admin_url, started))
+        writer.close()
+        await writer.wait_closed()
+    # 2. A streaming answer abandoned after its first chunk (routed: a pick was counted).
+    async with http.post(s.url + "/v1/chat/completions", json=chat_body(max_tokens=30, stream=True)) as resp:
+        assert resp.status == 200
+        await resp.content.readline()
+        assert (await _leak_counts(http, admin))[1] >= 1
+    await eventually(lambda: _settled(http, admin, baseline), timeout=15)
+    r = await post(http, s.url, chat_body())
+    assert r.status == 200 and r.pod in s.sim_endpoints
+
+
+async def _settled(http: aiohttp.ClientSession, admin: str, baseline: float | None) -> float | None:
+    tasks, inflight = await _leak_counts(http, admin)
+    if inflight:
+        return None
+    if baseline is None:
+        return tasks or 1.0
+    return tasks if tasks <= baseline else None
+
+
+async def _ext_proc_streams(http: aiohttp.ClientSession, envoy_admin: str) -> int:
+    async with http.get(envoy_admin + "/stats?filter=ext_proc.streams_started$&format=json") as r:
+        stats = (await r.json(content_type=None))["stats"]
+    return sum(int(st.get("value", 0)) for st in stats)
+
+
+async def _more_streams(http: aiohttp.ClientSession, envoy_admin: str, before: int) -> bool:
+    return await _ext_proc_streams(http, envoy_admin) > before

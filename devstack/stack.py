@@ -67,6 +67,10 @@ class Stack:
     # Service replicas behind Envoy's `extproc` cluster (rolling restarts). Extra replicas get
     # their own gRPC and admin ports; ``service_ports`` pins them as [(grpc, admin), ...].
     service_replicas: int = 1
+    # Loopback address of simulator i (127.0.0.2, 127.0.0.3, ... are all loopback on Linux):
+    # distinct IPs for what matches on IP alone (the endpoint-picker subset hint, pod IPs).
+    # Missing entries mean 127.0.0.1.
+    sim_hosts: Sequence[str] = ()
     service_ports: Sequence[tuple[int, int]] | None = None
     # TLS between Envoy and the service: "self-signed" = the service runs --tls-self-signed and
     # Envoy does not verify (the gateways' EPP setup); "files" = a certificate/key written to
@@ -111,23 +115,26 @@ class Stack:
     def grpc_address(self) -> str:
         return f"127.0.0.1:{self._ports['grpc']}"
 
+    def sim_host(self, i: int) -> str:
+        return self.sim_hosts[i] if i < len(self.sim_hosts) else "127.0.0.1"
+
     @property
     def sim_urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{p}" for p in self._sim_ports()]
+        return [f"http://{e}" for e in self.sim_endpoints]
 
     @property
     def sim_endpoints(self) -> list[str]:
         """``ip:port`` of each simulator: the form of x-routed-endpoint / override_host."""
-        return [f"127.0.0.1:{p}" for p in self._sim_ports()]
+        return [f"{self.sim_host(i)}:{p}" for i, p in enumerate(self._sim_ports())]
 
     @property
     def all_sim_urls(self) -> list[str]:
         """Every declared simulator, standby ones included (what the service is told)."""
-        return [f"http://127.0.0.1:{p}" for p in self._all_sim_ports()]
+        return [f"http://{e}" for e in self.all_sim_endpoints]
 
     @property
     def all_sim_endpoints(self) -> list[str]:
-        return [f"127.0.0.1:{p}" for p in self._all_sim_ports()]
+        return [f"{self.sim_host(i)}:{p}" for i, p in enumerate(self._all_sim_ports())]
 
     @property
     def service(self) -> Proc | None:
@@ -244,7 +251,7 @@ class Stack:
         # Launch all simulators first, then wait: they boot in parallel.
         for i, port in enumerate(self._sim_ports()):
             self.sims.append(
-                start_vllmsim(port, args=self._sim_extra_args(i), log_dir=log_dir, wait=False)
+                start_vllmsim(port, host=self.sim_host(i), args=self._sim_extra_args(i), log_dir=log_dir, wait=False)
             )
         self.standby = [None] * self.standby_backends
         for sim in self.sims:
@@ -301,7 +308,7 @@ class Stack:
         kwargs: dict[str, Any] = {
             "listener_port": self._ports["envoy"],
             "admin_port": self._ports["envoy_admin"],
-            "backends": [("127.0.0.1", p) for p in self._all_sim_ports()],
+            "backends": [(self.sim_host(i), p) for i, p in enumerate(self._all_sim_ports())],
             "direct_listener_port": self._ports.get("direct"),
             "template": self.envoy_template,
             "extproc_tls": bool(self.extproc_tls),
@@ -322,7 +329,7 @@ class Stack:
             raise RuntimeError(f"{old.name} is still running; stop it first")
         port = self._all_sim_ports()[i]
         proc = start_vllmsim(
-            port, args=[*self._sim_extra_args(i), *extra_args], log_dir=Path(self.log_dir),
+            port, host=self.sim_host(i), args=[*self._sim_extra_args(i), *extra_args], log_dir=Path(self.log_dir),
             timeout=self.start_timeout, wait=False,
         )
         if i < self.n_backends:

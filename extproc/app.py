@@ -172,6 +172,9 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         synced_waiter = asyncio.ensure_future(ready_when_synced())
         background.add(synced_waiter)
         synced_waiter.add_done_callback(background.discard)
+    # Publish NOT_SERVING before listening: grpcio's health servicer starts with "" SERVING
+    # and the other names unknown, which a probe could read in the first milliseconds.
+    await health.publish()
     await server.start()
     if health_server is not None:
         await health_server.start()

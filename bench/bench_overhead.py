@@ -461,7 +461,38 @@ CONTENDERS = [
         processor="service",
         path=HEADERS_ONLY_PATH,
     ),
+    # The same routes with the body in FULL_DUPLEX_STREAMED mode, as Istio, kgateway and the GIE
+    # reference config send it: the service collects the chunks, answers the headers, then streams
+    # the body back (docs/endpoint-picker.md). Shows what the gateways' body mode costs vs BUFFERED.
+    Contender(
+        "service_duplex",
+        "our service, FULL_DUPLEX_STREAMED body",
+        "duplex_listener",
+        stat_prefix="ingress_duplex",
+        processor="service",
+    ),
 ]
+
+
+def _duplex_listener(ingress: dict[str, Any], port: int) -> dict[str, Any]:
+    """A copy of ``ingress`` whose body routes send the body FULL_DUPLEX_STREAMED."""
+    duplex = copy.deepcopy(ingress)
+    duplex["name"] = "ingress_duplex"
+    duplex["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+    for chain in duplex["filter_chains"]:
+        for f in chain["filters"]:
+            if f["name"] != "envoy.filters.network.http_connection_manager":
+                continue
+            hcm = f["typed_config"]
+            hcm["stat_prefix"] = "ingress_duplex"
+            for vhost in hcm["route_config"]["virtual_hosts"]:
+                for route in vhost["routes"]:
+                    per = route.get("typed_per_filter_config", {}).get("envoy.filters.http.ext_proc", {})
+                    mode = per.get("overrides", {}).get("processing_mode")
+                    if mode and mode.get("request_body_mode") == "BUFFERED":
+                        # Envoy requires trailers SEND with a duplex body.
+                        mode.update(request_body_mode="FULL_DUPLEX_STREAMED", request_trailer_mode="SEND")
+    return duplex
 
 
 def front_envoy_config(ports: dict[str, int]) -> str:
@@ -492,6 +523,7 @@ def front_envoy_config(ports: dict[str, int]) -> str:
                             "extproc_bare"
                         )
     res["listeners"].append(bare)
+    res["listeners"].append(_duplex_listener(ingress, ports["duplex_listener"]))
     ext = next(c for c in res["clusters"] if c["name"] == "extproc")
     ext_bare = copy.deepcopy(ext)
     ext_bare["name"] = "extproc_bare"
@@ -559,6 +591,7 @@ class Rig:
             "ingress",
             "direct",
             "bare_listener",
+            "duplex_listener",
             "envoy_admin",
         ]
         chosen: dict[str, int] = {}

@@ -614,12 +614,18 @@ def test_docs_overlays_render(tmp_path: Path) -> None:
     assert {o["metadata"].get("namespace") for o in objs} == {install["namespace"]}
     assert _epp_container(objs)["image"].startswith(install["images"][0]["newName"] + ":")
 
-    # kgateway / Envoy AI Gateway: the same overlay plus the patch that adds --fallback-endpoints 0.
-    kgateway = {
-        **install,
-        **_doc_overlay("my-llm/kustomization.yaml (continued): one more argument for the service"),
-    }
-    (overlay / KUSTOMIZATION).write_text(yaml.safe_dump(kgateway), encoding="utf-8")
-    settings = _epp_settings(_kustomize(kubectl, overlay))
+    # The base answers with the pick alone: what ORIGINAL_DST gateways (kgateway, Envoy AI
+    # Gateway) need.
+    settings = _epp_settings(objs)
     assert settings.fallback_endpoints == 0
+    assert settings.k8s_inference_pool == POOL and settings.tls_self_signed
+
+    # Istio: the same overlay plus the patch that appends --fallback-endpoints 3 (last one wins).
+    istio = {
+        **install,
+        **_doc_overlay("my-llm/kustomization.yaml (continued), Istio only: the pick and 3 fallbacks"),
+    }
+    (overlay / KUSTOMIZATION).write_text(yaml.safe_dump(istio), encoding="utf-8")
+    settings = _epp_settings(_kustomize(kubectl, overlay))
+    assert settings.fallback_endpoints == 3
     assert settings.k8s_inference_pool == POOL and settings.tls_self_signed

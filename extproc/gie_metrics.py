@@ -240,8 +240,9 @@ class ObjectiveMetrics:
         labels = (self.label(model, known), self.label(target, known))
         pair = _Pair(labels)
         # Cache only pairs whose names resolved to served models: their mapping never changes
-        # (admitted names stay admitted), and unknown names come from clients (unbounded).
-        if UNKNOWN_MODEL not in labels:
+        # (admitted names stay admitted), and unknown names come from clients (unbounded). No
+        # model at all (a request decided on its headers) is one key: cached too.
+        if UNKNOWN_MODEL not in labels or key == (None, None):
             if len(self._pairs) >= _PAIR_CACHE_MAX:
                 self._pairs.clear()
             self._pairs[key] = pair

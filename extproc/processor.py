@@ -31,7 +31,16 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from extproc.backends import BackendRegistry, PickToken
-from extproc.decide import Decision, NoBackends, Shed, SubsetUnavailable, UnknownModel, decide, host_of, pool_for
+from extproc.decide import (
+    Decision,
+    NoBackends,
+    Shed,
+    SubsetUnavailable,
+    UnknownModel,
+    decide,
+    host_of,
+    pool_for,
+)
 from extproc.errors import openai_error
 from extproc.gie_metrics import error_code, usage_from_response
 from extproc.observability import Metrics
@@ -238,6 +247,7 @@ CONTINUE_FOR = {  # a plain CONTINUE answer per message kind (also the shell's l
         "request_headers", "request_body", "response_headers", "response_body", "request_trailers", "response_trailers"
     )
 }
+
 
 def _without_destination(kind: str) -> bytes:
     common = ep.CommonResponse(header_mutation=ep.HeaderMutation(remove_headers=[DESTINATION_HEADER]))

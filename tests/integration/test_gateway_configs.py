@@ -34,7 +34,12 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack import Stack
-from devstack.envoy_config import DEFAULT_TEMPLATE, HCM_FILTER, render_local_config, render_local_config_dict
+from devstack.envoy_config import (
+    DEFAULT_TEMPLATE,
+    HCM_FILTER,
+    render_local_config,
+    render_local_config_dict,
+)
 from devstack.processes import Proc, free_port, http_get, start_envoy, start_extproc
 
 from .e2e import Routed, chat_body, eventually, post

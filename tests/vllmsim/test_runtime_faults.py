@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
-
 
 async def test_metrics_hang_and_inference_500_switch_on_and_off(sim_factory, http) -> None:
     base, _ = await sim_factory()

@@ -337,6 +337,10 @@ async def test_two_dead_listed_hosts_then_the_third_listed_gets_it(world: World)
         r = await send(world.url, pick=ranked)
         assert r.status == 200, r.body
         assert r.port == world.named["C"]
+        # The client sees both: the pick (this fake service reports its whole list) and the
+        # host that served after the walk.
+        assert r.headers["x-routed-endpoint"].split(",")[0] == world.ep("D1")
+        assert r.headers["x-served-endpoint"] == world.ep("C")
     burst = await asyncio.gather(*(send(world.url, pick=ranked) for _ in range(20)))
     assert [r.status for r in burst] == [200] * 20
     assert {r.port for r in burst} == {world.named["C"]}

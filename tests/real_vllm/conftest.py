@@ -2,8 +2,10 @@
 
 Everything here is deselected unless ``REAL_VLLM=1`` is set, so ``make test`` (plain ``pytest``)
 never needs the 3.5 GB ``vllm`` extra nor the minute a vLLM takes to boot; it only reports these
-tests as deselected. The session starts ONE gateway (real Envoy + the service + one real vLLM +
-two simulators) and the tests share it, in file order.
+tests as deselected. The session starts ONE real vLLM (``real_vllm``: booting it is the cost)
+and shares it: test_real_vllm_gateways.py puts one gateway per Envoy config around it, then
+test_real_vllm_reliability.py shares ONE gateway (real Envoy + the service + that vLLM + two
+simulators), in file order.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .realvllm import RUN_DIR, Gateway, start_gateway, vllm_cpus
+from .realvllm import RUN_DIR, Gateway, RealVllm, launch_real_vllm, start_gateway, vllm_cpus
 
 HERE = Path(__file__).resolve().parent
 ENABLED = os.environ.get("REAL_VLLM") == "1"
@@ -76,9 +78,23 @@ def tiny_model(figures: dict[str, Any]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gw(tiny_model: Path, run_dir: Path, figures: dict[str, Any],
+def real_vllm(tiny_model: Path, run_dir: Path, figures: dict[str, Any]) -> Iterator[RealVllm]:
+    """The session's real vLLM, launched, NOT waited for: the first gateway waits (it starts its
+    other processes meanwhile). Stopped at the end of the session."""
+    vllm = launch_real_vllm(model_dir=tiny_model, log_dir=run_dir / "logs")
+    try:
+        yield vllm
+    finally:
+        if vllm.ready_s is not None:
+            figures["vllm_start_s"] = round(vllm.ready_s, 1)
+        vllm.stop()
+
+
+@pytest.fixture(scope="session")
+def gw(tiny_model: Path, run_dir: Path, figures: dict[str, Any], real_vllm: RealVllm,
        request: pytest.FixtureRequest) -> Iterator[Gateway]:
-    gateway = start_gateway(model_dir=tiny_model, log_dir=run_dir / "logs")
+    gateway = start_gateway(model_dir=tiny_model, log_dir=run_dir / "logs", vllm=real_vllm)
+    # Includes the vLLM's boot unless an earlier module had it booted already.
     figures["stack_start_s"] = round(gateway.timings["start_s"], 1)
     figures["vllm_cpus"] = vllm_cpus() or "unpinned"
     figures["box_cpus"] = os.cpu_count()

@@ -4,6 +4,10 @@ The gateway is the same as in tests/integration (real Envoy rendered from envoy/
 real service, vllmsim simulators), except that the pool holds one real vLLM next to the
 simulators, all serving the model ``tiny-llama``. :class:`devstack.Stack` only starts
 simulators, so this module assembles the processes with the devstack helpers directly.
+
+A real vLLM boots for half a minute or more: :func:`launch_real_vllm` starts one that several
+gateways can share (``start_gateway(vllm=...)``; the gateway then leaves it running), e.g. one
+per Envoy config (``envoy_template=``, tests/real_vllm/test_real_vllm_gateways.py).
 """
 
 from __future__ import annotations
@@ -118,6 +122,44 @@ def start_real_vllm(
 
 
 @dataclass
+class RealVllm:
+    """A real vLLM launched on a free loopback port, to be shared by gateways (or tests)."""
+
+    proc: Proc
+    port: int
+    launched: float = field(default_factory=time.monotonic)
+    ready_s: float | None = None  # seconds from launch to ready, once known
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    def wait_ready(self, timeout: float = VLLM_START_TIMEOUT) -> RealVllm:
+        self.proc.wait_ready(timeout)
+        if self.ready_s is None:
+            self.ready_s = time.monotonic() - self.launched
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.proc.send_signal(signal.SIGCONT)  # a stopped group ignores TERM
+        self.proc.stop(timeout=15.0)
+
+
+def launch_real_vllm(*, model_dir: Path, log_dir: Path, max_num_seqs: int = 4,
+                     port: int | None = None) -> RealVllm:
+    """Launch a real vLLM without waiting (call ``wait_ready``: it boots meanwhile)."""
+    port = port or free_port()
+    proc = start_real_vllm(port, model_dir=model_dir, log_dir=log_dir,
+                           max_num_seqs=max_num_seqs, wait=False)
+    return RealVllm(proc, port)
+
+
+@dataclass
 class Gateway:
     """Envoy + service + one real vLLM + simulators; ``real`` is the real vLLM's ``ip:port``."""
 
@@ -133,6 +175,7 @@ class Gateway:
     service: Proc | None = None
     envoy: Proc | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    owns_vllm: bool = True  # False: a shared vLLM (start_gateway(vllm=...)), left running
 
     @property
     def url(self) -> str:
@@ -168,6 +211,8 @@ class Gateway:
 
     def stop(self) -> None:
         for p in self.procs:  # Envoy first, the real vLLM last
+            if p is self.vllm and not self.owns_vllm:
+                continue  # shared: its owner stops it
             with contextlib.suppress(Exception):
                 if p is self.vllm:
                     p.send_signal(signal.SIGCONT)  # a stopped group ignores TERM
@@ -187,8 +232,14 @@ def start_gateway(
     sim_args: Sequence[str] = (),
     service_args: Sequence[str] = (),
     max_num_seqs: int = 4,
+    vllm: RealVllm | None = None,
+    envoy_template: Path | None = None,
 ) -> Gateway:
-    ports: list[int] = []
+    """Envoy (rendered from ``envoy_template``, default envoy/envoy.yaml) + the service + the
+    real vLLM + ``n_sims`` simulators. ``vllm``: a shared real vLLM (launched, maybe not ready
+    yet) instead of a new one; :meth:`Gateway.stop` then leaves it running."""
+    # A launched vLLM binds its port only once booted: never hand that port out meanwhile.
+    ports: list[int] = [vllm.port] if vllm is not None else []
 
     def port() -> int:
         p = free_port()
@@ -199,18 +250,21 @@ def start_gateway(
 
     gw = Gateway(
         log_dir=log_dir,
-        real_port=port(),
+        real_port=vllm.port if vllm is not None else port(),
         sim_ports=[port() for _ in range(n_sims)],
         grpc_port=port(),
         admin_port=port(),
         envoy_port=port(),
         envoy_admin_port=port(),
+        vllm=vllm.proc if vllm is not None else None,
+        owns_vllm=vllm is None,
     )
     try:
         t0 = time.monotonic()
         # The real vLLM boots for a minute: launch it first, the rest meanwhile.
-        gw.vllm = start_real_vllm(gw.real_port, model_dir=model_dir, log_dir=log_dir,
-                                  max_num_seqs=max_num_seqs, wait=False)
+        if gw.vllm is None:
+            gw.vllm = start_real_vllm(gw.real_port, model_dir=model_dir, log_dir=log_dir,
+                                      max_num_seqs=max_num_seqs, wait=False)
         for p in gw.sim_ports:
             # x-inference-pod defaults to the simulator's ip:port, the form of x-routed-endpoint.
             gw.sims.append(start_vllmsim(p, args=sim_args, log_dir=log_dir, wait=False))
@@ -225,10 +279,14 @@ def start_gateway(
             admin_port=gw.envoy_admin_port,
             extproc_address=("127.0.0.1", gw.grpc_port),
             backends=[("127.0.0.1", gw.real_port), *(("127.0.0.1", p) for p in gw.sim_ports)],
+            template=envoy_template,
         )
         gw.envoy = start_envoy(config, log_dir=log_dir, admin_port=gw.envoy_admin_port,
                                concurrency=1, timeout=60)
-        gw.vllm.wait_ready(VLLM_START_TIMEOUT)
+        if vllm is not None:
+            vllm.wait_ready()
+        else:
+            gw.vllm.wait_ready(VLLM_START_TIMEOUT)
         gw.timings["start_s"] = time.monotonic() - t0
     except BaseException:
         gw.stop()
@@ -250,10 +308,12 @@ def chat(text: str, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
             "max_tokens": max_tokens, **extra}
 
 
-async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any], *,
+async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any] | bytes, *,
                path: str = "/v1/chat/completions", timeout: float = 60) -> Reply:
+    """POST JSON (``body`` as a dict, or raw bytes sent as they are) with a content-length."""
     t = time.monotonic()
-    async with session.post(url + path, data=orjson.dumps(body),
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    async with session.post(url + path, data=data,
                             headers={"content-type": "application/json"},
                             timeout=aiohttp.ClientTimeout(total=timeout)) as r:
         return Reply(r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read(), t)

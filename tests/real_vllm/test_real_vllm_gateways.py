@@ -5,19 +5,22 @@ is uvicorn/FastAPI, and what a simulator could get wrong there is what this modu
 through real Envoy + the real service + the session's real vLLM (the only backend of the pool):
 
 * ``envoy/gie-reference.yaml``: ORIGINAL_DST on ``x-gateway-destination-endpoint`` (the service
-  runs with ``--fallback-endpoints 0``), FULL_DUPLEX_STREAMED both ways, fail closed;
+  runs with ``--fallback-endpoints 0``, as it must there; with a one-server pool the list would
+  hold one address anyway), FULL_DUPLEX_STREAMED both ways, fail closed;
 * ``envoy/istio-style.yaml``: override_host on ``envoy.lb`` metadata, FULL_DUPLEX_STREAMED.
 
 In FULL_DUPLEX_STREAMED mode the service collects the request body, decides, answers the
 request headers with a new content-length and streams the body back; every response chunk
 also passes through it. So: a chat completion comes back whole (the JSON parses) and is the
 real vLLM's greedy answer, byte for byte the one vLLM gives when asked directly; a stream
-arrives as Server-Sent Events chunk by chunk, ends with ``data: [DONE]``, and the service
-counts its usage (final SSE chunk, ``stream_options.include_usage``) in the GIE series
-``inference_objective_input_tokens`` / ``output_tokens``; a 1 MB body with a content-length
-and one sent ``Transfer-Encoding: chunked`` (no content-length) are parsed by vLLM and answered
-like the same body sent directly; bad JSON and an unknown model are the service's own OpenAI
-errors and never reach vLLM (its ``http_requests_total`` says so).
+arrives as Server-Sent Events chunk by chunk, ends with ``data: [DONE]``, carries the same
+text as vLLM's direct stream (no chunk lost or doubled on the way through the service), and the
+service counts its usage (final SSE chunk, ``stream_options.include_usage``) in the GIE series
+``inference_objective_input_tokens`` / ``output_tokens``; a 1 MB body sent with a
+content-length, with ``Transfer-Encoding: chunked`` (no content-length) and with ``Expect:
+100-continue`` is parsed by vLLM and answered like the same body sent directly; bad JSON and an
+unknown model are the service's own OpenAI errors and never reach vLLM (its
+``http_requests_total`` says so).
 
 One real vLLM serves both configs (module fixture per config, session vLLM: conftest.py).
 Figures go to the session's figures.json under ``gateways``; docs/real-vllm.md quotes them.
@@ -29,6 +32,7 @@ import random
 import string
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +55,22 @@ CONFIGS: dict[str, Path] = {
     "istio-style": ENVOY_DIR / "istio-style.yaml",
 }
 # ORIGINAL_DST takes one address, not the service's ranked list (docs/envoy.md, "Gateway configs").
-SERVICE_ARGS: dict[str, list[str]] = {"gie-reference": ["--fallback-endpoints", "0"], "istio-style": []}
+SERVICE_ARGS: dict[str, list[str]] = {
+    "gie-reference": ["--fallback-endpoints", "0"],
+    "istio-style": [],
+}
 SERVED = "x-gateway-destination-endpoint-served"  # istio-style: the host Envoy really used
 CHAT = "/v1/chat/completions"
-# A stream long enough to time its chunks: ~1-3 ms per token for this model on one core, and
-# --max-model-len 512 leaves room for 400 after the prompt.
+# A stream long enough to time its chunks: 400 tokens take this model 1.5-2.5 s on one core,
+# and --max-model-len 512 leaves room for them after the prompt.
 STREAM_TOKENS = 400
 BODY_BYTES = 1_000_000
 PIECE = 64 * 1024  # chunk size of the chunked upload
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def gateway(request: pytest.FixtureRequest, tiny_model: Path, run_dir: Path, figures: dict[str, Any],
-            real_vllm: RealVllm) -> Iterator[tuple[str, Gateway]]:
+def gateway(request: pytest.FixtureRequest, tiny_model: Path, run_dir: Path,
+            figures: dict[str, Any], real_vllm: RealVllm) -> Iterator[tuple[str, Gateway]]:
     """Envoy (this config) + the service around the session's real vLLM, one config at a time."""
     config: str = request.param
     failed_before = request.session.testsfailed
@@ -78,8 +85,8 @@ def gateway(request: pytest.FixtureRequest, tiny_model: Path, run_dir: Path, fig
     )
     try:
         # The service learns the model name from vLLM's /v1/models and its load from /metrics.
-        poll_until(lambda: _service_knows_the_model(gw), timeout=30, what="service: real vLLM fresh with its model",
-                   proc=gw.service)
+        poll_until(lambda: _service_knows_the_model(gw), timeout=30, proc=gw.service,
+                   what="the service: real vLLM fresh, with its model")
         figures.setdefault("gateways", {})[config] = {"start_s": round(gw.timings["start_s"], 1)}
         print(f"\n{config}: Envoy {gw.url}, service {gw.admin_url}, real vLLM {gw.real} "
               f"(up in {gw.timings['start_s']:.0f} s)")
@@ -160,9 +167,11 @@ def _assert_served_by_real(config: str, gw: Gateway, r: Reply) -> None:
         assert r.headers.get(SERVED) == gw.real, r.headers  # Envoy's selected host
 
 
-async def _vllm_2xx_grows(http: aiohttp.ClientSession, gw: Gateway, before: dict[str, float], by: int) -> None:
+async def _vllm_2xx_grows(http: aiohttp.ClientSession, gw: Gateway, before: dict[str, float],
+                          by: int) -> None:
     async def grown() -> bool:
-        return (await vllm_chat_requests(http, gw.real_url)).get("2xx", 0.0) - before.get("2xx", 0.0) == by
+        now = await vllm_chat_requests(http, gw.real_url)
+        return now.get("2xx", 0.0) - before.get("2xx", 0.0) == by
 
     await eventually(grown, timeout=10, what=f"real vLLM counted {by} more 2xx chat answers")
 
@@ -176,6 +185,7 @@ async def test_chat_completion_comes_from_the_real_vllm(
     served_before = await vllm_chat_requests(http, gw.real_url)
     tokens_before = await objective_tokens(http, gw.admin_url)
     r = await post(http, gw.url, body)
+    chat_s = time.monotonic() - r.t
     answer = _assert_real_completion(r, 8)
     _assert_served_by_real(config, gw, r)
     await _vllm_2xx_grows(http, gw, served_before, 1)
@@ -196,7 +206,7 @@ async def test_chat_completion_comes_from_the_real_vllm(
     await eventually(counted, timeout=10, what="GIE token series counted the chat's usage")
     _record(figures, config, "chat", {
         "status": r.status,
-        "seconds": round(time.monotonic() - r.t, 3),
+        "seconds": round(chat_s, 3),
         # FULL_DUPLEX_STREAMED response: Envoy drops vLLM's content-length and sends chunked.
         "response_framing": "content-length" if "content-length" in r.headers
         else r.headers.get("transfer-encoding", "?"),
@@ -204,38 +214,67 @@ async def test_chat_completion_comes_from_the_real_vllm(
     })
 
 
+@dataclass
+class Stream:
+    """A streamed answer as the client saw it: the network reads and the SSE data lines."""
+
+    headers: dict[str, str]
+    reads: list[tuple[float, bytes]]  # (seconds after the request was sent, bytes of one read)
+
+    @property
+    def lines(self) -> list[bytes]:
+        whole = b"".join(d for _, d in self.reads)
+        return [ln.strip() for ln in whole.split(b"\n") if ln.startswith(b"data:")]
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON events (``data: [DONE]`` excluded)."""
+        return [orjson.loads(ln[len(b"data:"):]) for ln in self.lines if ln != b"data: [DONE]"]
+
+    def text(self) -> str:
+        return "".join((e["choices"][0]["delta"].get("content") or "")
+                       for e in self.events() if e["choices"])
+
+    @property
+    def arrivals(self) -> list[float]:
+        """When each read that carried at least one data line arrived."""
+        return [t for t, d in self.reads if b"data:" in d]
+
+
+async def read_stream(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Stream:
+    started = time.monotonic()
+    async with http.post(url + CHAT, json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["content-type"].startswith("text/event-stream"), resp.headers
+        out = Stream({k.lower(): v for k, v in resp.headers.items()}, [])
+        async for data in resp.content.iter_any():
+            out.reads.append((time.monotonic() - started, data))
+    return out
+
+
 async def test_stream_arrives_chunk_by_chunk_and_its_usage_is_counted(
     gateway: tuple[str, Gateway], http: aiohttp.ClientSession, figures: dict[str, Any]
 ) -> None:
     config, gw = gateway
-    body = chat("count to many", max_tokens=STREAM_TOKENS, ignore_eos=True, temperature=0, stream=True,
-                stream_options={"include_usage": True})
+    body = chat("count to many", max_tokens=STREAM_TOKENS, ignore_eos=True, temperature=0,
+                stream=True, stream_options={"include_usage": True})
     tokens_before = await objective_tokens(http, gw.admin_url)
-    reads: list[tuple[float, bytes]] = []  # (seconds after the request, bytes of one read)
-    started = time.monotonic()
-    async with http.post(gw.url + CHAT, json=body) as resp:
-        assert resp.status == 200, await resp.text()
-        assert resp.headers["content-type"].startswith("text/event-stream"), resp.headers
-        headers = {k.lower(): v for k, v in resp.headers.items()}
-        async for data in resp.content.iter_any():
-            reads.append((time.monotonic() - started, data))
-    _assert_served_by_real(config, gw, Reply(resp.status, headers, b""))
-    lines = [ln.strip() for ln in b"".join(d for _, d in reads).split(b"\n") if ln.startswith(b"data:")]
+    st = await read_stream(http, gw.url, body)
+    _assert_served_by_real(config, gw, Reply(200, st.headers, b""))
+    lines = st.lines
     assert lines and lines[-1] == b"data: [DONE]", lines[-3:]
-    events = [orjson.loads(ln[len(b"data:"):]) for ln in lines[:-1]]
     # include_usage: the last event has no choices and the usage of the whole generation.
-    final = events[-1]
+    final = st.events()[-1]
     assert final["choices"] == [] and final["usage"]["completion_tokens"] == STREAM_TOKENS, final
-    text = "".join((e["choices"][0]["delta"].get("content") or "") for e in events[:-1] if e["choices"])
-    assert text, events[:3]
+    assert str(final.get("system_fingerprint")).startswith("vllm-"), final  # the real server
     # Chunk by chunk: many separate network reads carried data lines, the first long before
-    # the last (a buffered response would arrive in one or two reads at the very end).
-    arrivals = [t for t, d in reads if b"data:" in d]
+    # the last (a buffered response arrives in one or two reads at the very end: measured with
+    # response_body_mode BUFFERED, 2 reads of 401 lines, both at 1.67 s).
+    arrivals = st.arrivals
     first, last = arrivals[0], arrivals[-1]
-    print(f"\n{config}: {len(lines)} data lines in {len(arrivals)} reads, first at {first * 1000:.0f} ms, "
-          f"last at {last * 1000:.0f} ms")
+    print(f"\n{config}: {len(lines)} data lines in {len(arrivals)} reads, "
+          f"first at {first * 1000:.0f} ms, last at {last * 1000:.0f} ms")
     assert len(arrivals) >= 5, f"only {len(arrivals)} reads carried the {len(lines)} data lines"
-    assert last - first >= 0.2 and first < last / 3, f"first data at {first:.3f}s, last at {last:.3f}s"
+    assert last - first >= 0.2 and first < last / 3, (first, last)
 
     usage = final["usage"]
 
@@ -246,12 +285,21 @@ async def test_stream_arrives_chunk_by_chunk_and_its_usage_is_counted(
         return grew if grew == want else None
 
     grew = await eventually(counted, timeout=10, what="GIE token series counted the stream's usage")
+
+    # Every chunk passed through the service (FULL_DUPLEX_STREAMED response): none lost, none
+    # doubled, in order. Greedy decoding makes vLLM's direct stream the reference.
+    direct = await read_stream(http, gw.real_url, body)
+    assert st.text() and st.text() == direct.text()
+    assert final["usage"] == direct.events()[-1]["usage"]
     _record(figures, config, "stream", {
         "max_tokens": STREAM_TOKENS,
         "data_lines": len(lines),
         "reads_with_data": len(arrivals),
         "first_data_ms": round(first * 1000),
         "last_data_ms": round(last * 1000),
+        "direct": {"data_lines": len(direct.lines), "reads_with_data": len(direct.arrivals),
+                   "first_data_ms": round(direct.arrivals[0] * 1000),
+                   "last_data_ms": round(direct.arrivals[-1] * 1000)},
         "usage": {k: usage[k] for k in ("prompt_tokens", "completion_tokens")},
         "service_tokens_grew_by": grew,
     })
@@ -261,7 +309,8 @@ def _big_body() -> bytes:
     """~1 MB: an extra field vLLM accepts and ignores (its request models allow extra fields),
     then the real request; ``messages`` last, so a cut body would lack them."""
     pad = "".join(random.Random(8).choices(string.ascii_letters + string.digits, k=BODY_BYTES))
-    raw = orjson.dumps({"padding": pad, "model": MODEL, "max_tokens": 16, "ignore_eos": True, "temperature": 0,
+    raw = orjson.dumps({"padding": pad, "model": MODEL, "max_tokens": 16, "ignore_eos": True,
+                        "temperature": 0,
                         "messages": [{"role": "user", "content": "what follows is padding"}]})
     assert len(raw) > BODY_BYTES
     return raw
@@ -272,6 +321,22 @@ async def _in_pieces(raw: bytes) -> AsyncIterator[bytes]:
         yield raw[i : i + PIECE]
 
 
+async def _upload(http: aiohttp.ClientSession, url: str, raw: bytes,
+                  how: str) -> tuple[Reply, dict[str, str], float]:
+    """POST ``raw``: ``content-length``, ``chunked`` (an async generator: aiohttp sends
+    Transfer-Encoding: chunked and no content-length) or ``expect-100`` (content-length and
+    ``Expect: 100-continue``, what curl does for bodies over 1 MB). Returns the reply, the
+    request headers as sent, and the seconds it took."""
+    t = time.monotonic()
+    data: bytes | AsyncIterator[bytes] = _in_pieces(raw) if how == "chunked" else raw
+    async with http.post(url + CHAT, data=data, headers={"content-type": "application/json"},
+                         expect100=how == "expect-100") as resp:
+        sent = {k.lower(): v for k, v in resp.request_info.headers.items()}
+        reply = Reply(resp.status, {k.lower(): v for k, v in resp.headers.items()},
+                      await resp.read(), t)
+    return reply, sent, time.monotonic() - t
+
+
 async def test_a_1mb_body_and_a_chunked_body_reach_the_real_vllm(
     gateway: tuple[str, Gateway], http: aiohttp.ClientSession, figures: dict[str, Any]
 ) -> None:
@@ -279,31 +344,22 @@ async def test_a_1mb_body_and_a_chunked_body_reach_the_real_vllm(
     raw = _big_body()
     direct = _assert_real_completion(await post(http, gw.real_url, raw), 16)
     served_before = await vllm_chat_requests(http, gw.real_url)
-
-    r = await post(http, gw.url, raw)  # with content-length
-    sized = _assert_real_completion(r, 16)
-    _assert_served_by_real(config, gw, r)
-    sized_s = time.monotonic() - r.t
-
-    t = time.monotonic()
-    async with http.post(gw.url + CHAT, data=_in_pieces(raw), headers={"content-type": "application/json"}) as resp:
-        sent = resp.request_info.headers
-        chunked = Reply(resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read(), t)
-    chunked_s = time.monotonic() - t
-    assert sent.get("Transfer-Encoding") == "chunked" and "Content-Length" not in sent, dict(sent)
-    via_chunks = _assert_real_completion(chunked, 16)
-    _assert_served_by_real(config, gw, chunked)
-
-    await _vllm_2xx_grows(http, gw, served_before, 2)
-    # The body vLLM parsed was the client's: same prompt tokens and greedy text as when direct.
-    for answer in (sized, via_chunks):
-        assert answer["usage"] == direct["usage"], (answer["usage"], direct["usage"])
-        assert answer["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
-    _record(figures, config, "big_body", {
-        "bytes": len(raw),
-        "content_length": {"status": r.status, "seconds": round(sized_s, 3)},
-        "chunked": {"status": chunked.status, "seconds": round(chunked_s, 3), "pieces": -(-len(raw) // PIECE)},
-    })
+    seen: dict[str, Any] = {}
+    for how in ("content-length", "chunked", "expect-100"):
+        r, sent, seconds = await _upload(http, gw.url, raw, how)
+        if how == "chunked":
+            assert sent.get("transfer-encoding") == "chunked" and "content-length" not in sent, sent
+        else:
+            assert sent.get("content-length") == str(len(raw)), sent
+            assert (sent.get("expect") == "100-continue") == (how == "expect-100"), sent
+        answer = _assert_real_completion(r, 16)
+        _assert_served_by_real(config, gw, r)
+        # The body vLLM parsed was the client's: same prompt tokens, same greedy text as direct.
+        assert answer["usage"] == direct["usage"], (how, answer["usage"], direct["usage"])
+        assert answer["choices"][0]["message"] == direct["choices"][0]["message"], how
+        seen[how] = {"status": r.status, "seconds": round(seconds, 3)}
+    await _vllm_2xx_grows(http, gw, served_before, 3)
+    _record(figures, config, "big_body", {"bytes": len(raw), "chunk_bytes": PIECE, **seen})
 
 
 async def test_bad_json_and_unknown_model_are_the_services_answers(
@@ -331,7 +387,8 @@ async def test_bad_json_and_unknown_model_are_the_services_answers(
     # Control: the same bad JSON sent straight to vLLM is counted there (as a 4xx). Exactly one
     # more chat request counted means the two above never reached it.
     direct = await post(http, gw.real_url, bad)
-    assert direct.status == 400 and direct.json()["error"]["type"] != "invalid_request_error", direct.body
+    assert direct.status == 400, direct.body
+    assert direct.json()["error"]["type"] != "invalid_request_error", direct.body
 
     async def one_more() -> dict[str, float] | None:
         grew = _grew_by(before, await vllm_chat_requests(http, gw.real_url))

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv bench-parse bench-overhead bench-routing bench-decision bench-faults bench-soak test-vllm clean
+.PHONY: run test lint venv bench-parse bench-overhead bench-routing bench-decision bench-faults bench-soak test-vllm clean
 
 venv: $(STAMP)
 
@@ -22,11 +22,17 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --cov=extproc --cov-branch --cov-report=term --cov-fail-under=92
 
+# ruff (lint rules and formatting) and mypy on the packages; .ci/run runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy extproc devstack vllmsim
+
 bench-parse: $(STAMP)
 	$(PY) bench/bench_parse.py
 
 bench-decision: $(STAMP)
-	$(PY) bench/bench_decision.py
+	$(PY) bench/bench_decision.py $(ARGS)
 
 BENCH_STAMP := $(VENV)/.installed-bench
 

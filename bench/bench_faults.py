@@ -50,17 +50,16 @@ for _p in (str(ROOT), str(HERE)):
         sys.path.insert(0, _p)
 
 import orjson  # noqa: E402
+from common import code_fingerprint, markdown_table, write_results  # noqa: E402
 
 from bench import routers  # noqa: E402
 from bench.loadgen import SSEParser, StreamTimings, percentile  # noqa: E402
 from bench.workloads import Workload, generate  # noqa: E402
-from common import markdown_table, write_results  # noqa: E402
 from devstack.processes import (  # noqa: E402
     Proc,
     free_port,
     http_get,
     poll_until,
-    start_vllmsim,
 )
 from devstack.stack import Stack  # noqa: E402
 
@@ -80,7 +79,9 @@ LOAD = 0.70
 DEFAULT_CAPACITY_SIM = 89.85
 STREAM_SHARE = 0.5
 WORKLOAD_PARAMS = {"output_scale": 0.5, "output_max": 512}  # bench-routing's sharegpt
-REQUEST_TIMEOUT = 30.0  # wall s per request; a request held by a SIGSTOPped backend resumes at SIGCONT
+REQUEST_TIMEOUT = (
+    30.0  # wall s per request; a request held by a SIGSTOPped backend resumes at SIGCONT
+)
 DRAIN_LIMIT = 30.0  # wall s after the last arrival before everything still open is cancelled
 VICTIM = 1  # index of the backend that fails (sim1); the 5th (index 4) is the scale-out one
 NEWCOMER = N_SIMS
@@ -92,8 +93,9 @@ ROUTING_TARGET_S = 2.0  # no new request to a hung backend later than this after
 def capacity_from_routing_results() -> tuple[float, str]:
     path = HERE / "results" / "routing.json"
     with contextlib.suppress(Exception):
-        cap = float(json.loads(path.read_text())["workloads"]["sharegpt"]["calibration"][
-            "capacity_rps_sim"])
+        cap = float(
+            json.loads(path.read_text())["workloads"]["sharegpt"]["calibration"]["capacity_rps_sim"]
+        )
         if cap > 0:
             return cap, f"bench/results/routing.json (sharegpt calibration, {cap:.1f} req/s)"
     return DEFAULT_CAPACITY_SIM, f"built-in default {DEFAULT_CAPACITY_SIM} req/s"
@@ -130,16 +132,18 @@ class Rec:
     reason: str | None = None  # x-routing-reason (absent = routed without the service)
 
 
-async def _one(session: Any, url: str, body: bytes, stream: bool, rec: Rec, t0: float,
-               timeout: float) -> None:
+async def _one(
+    session: Any, url: str, body: bytes, stream: bool, rec: Rec, t0: float, timeout: float
+) -> None:
     import aiohttp
 
     st = StreamTimings(start=t0 + rec.sent)
     parser = SSEParser()
     try:
         async with asyncio.timeout(timeout):
-            async with session.post(url, data=body,
-                                    headers={"content-type": "application/json"}) as resp:
+            async with session.post(
+                url, data=body, headers={"content-type": "application/json"}
+            ) as resp:
                 rec.status = resp.status
                 h = resp.headers
                 rec.pod = h.get("x-inference-pod")
@@ -183,10 +187,18 @@ async def _one(session: Any, url: str, body: bytes, stream: bool, rec: Rec, t0: 
             rec.ttft = st.ttft
 
 
-async def run_open_loop(url: str, wl: Workload, streams: Sequence[bool], *, rate: float,
-                        duration: float, t0: float, timeout: float = REQUEST_TIMEOUT,
-                        drain_limit: float = DRAIN_LIMIT,
-                        progress: Callable[[float, int, int], None] | None = None) -> list[Rec]:
+async def run_open_loop(
+    url: str,
+    wl: Workload,
+    streams: Sequence[bool],
+    *,
+    rate: float,
+    duration: float,
+    t0: float,
+    timeout: float = REQUEST_TIMEOUT,
+    drain_limit: float = DRAIN_LIMIT,
+    progress: Callable[[float, int, int], None] | None = None,
+) -> list[Rec]:
     """Send request i at ``t0 + offset_i`` (open loop) for ``duration`` wall seconds; wait for
     all (bounded by ``duration + drain_limit``); return one record per request sent."""
     import aiohttp
@@ -195,15 +207,20 @@ async def run_open_loop(url: str, wl: Workload, streams: Sequence[bool], *, rate
     n = len(offsets)
     if n > len(wl.requests):
         raise ValueError("workload too short")
-    bodies = [orjson.dumps(wl.body(r, stream=s)) for r, s in zip(wl.requests[:n], streams[:n],
-                                                                   strict=True)]
+    bodies = [
+        orjson.dumps(wl.body(r, stream=s))
+        for r, s in zip(wl.requests[:n], streams[:n], strict=True)
+    ]
     target = url.rstrip("/") + "/v1/chat/completions"
     recs: list[Rec] = []
     tasks: list[asyncio.Task[None]] = []
     connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
-    async with aiohttp.ClientSession(connector=connector, trust_env=False,
-                                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-                                     auto_decompress=False) as session:
+    async with aiohttp.ClientSession(
+        connector=connector,
+        trust_env=False,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+        auto_decompress=False,
+    ) as session:
         loop = asyncio.get_running_loop()
         for i in range(n):
             delay = t0 + offsets[i] - time.perf_counter()
@@ -211,8 +228,9 @@ async def run_open_loop(url: str, wl: Workload, streams: Sequence[bool], *, rate
                 await asyncio.sleep(delay)
             rec = Rec(id=i, stream=streams[i], sent=time.perf_counter() - t0)
             recs.append(rec)
-            tasks.append(loop.create_task(_one(session, target, bodies[i], streams[i], rec, t0,
-                                               timeout)))
+            tasks.append(
+                loop.create_task(_one(session, target, bodies[i], streams[i], rec, t0, timeout))
+            )
             if progress is not None and i % 64 == 0:
                 progress(rec.sent, i + 1, sum(1 for r in recs if r.end is not None and not r.ok))
         hard_end = t0 + duration + drain_limit
@@ -226,57 +244,11 @@ async def run_open_loop(url: str, wl: Workload, streams: Sequence[bool], *, rate
 
 
 # ============================================================================ fleets
-class SimFleet:
-    """Simulators only (for the Rust routers): the same interface as Stack for faults."""
-
-    def __init__(self, log_dir: Path, n: int, standby: int = 0) -> None:
-        self.log_dir = log_dir
-        self.n_backends = n
-        self.ports: list[int] = []
-        while len(self.ports) < n + standby:
-            p = free_port()
-            if p not in self.ports:
-                self.ports.append(p)
-        self.procs: list[Proc | None] = [None] * (n + standby)
-
-    def start(self) -> SimFleet:
-        for i in range(self.n_backends):
-            self.procs[i] = start_vllmsim(self.ports[i], args=sim_args(i), log_dir=self.log_dir,
-                                          wait=False, name=f"vllmsim-{i}")
-        for p in self.procs[: self.n_backends]:
-            assert p is not None
-            p.wait_ready(30)
-        return self
-
-    def sim_proc(self, i: int) -> Proc | None:
-        return self.procs[i]
-
-    def start_sim(self, i: int, extra_args: Sequence[str] = (), *, wait: bool = True) -> Proc:
-        old = self.procs[i]
-        if old is not None and old.alive():
-            raise RuntimeError(f"{old.name} still running")
-        p = start_vllmsim(self.ports[i], args=[*sim_args(i), *extra_args], log_dir=self.log_dir,
-                          wait=False, name=f"vllmsim-{i}")
-        self.procs[i] = p
-        return p.wait_ready(30) if wait else p
-
-    @property
-    def all_sim_endpoints(self) -> list[str]:
-        return [f"127.0.0.1:{p}" for p in self.ports]
-
-    @property
-    def all_sim_urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{p}" for p in self.ports]
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p is not None:
-                with contextlib.suppress(Exception):
-                    p.send_signal(signal.SIGCONT)
-                    p.stop()
-
-
-def make_stack(log_dir: Path, *, replicas: int = 1, standby: int = 1) -> Stack:
+def make_stack(
+    log_dir: Path, *, replicas: int = 1, standby: int = 1, sims_only: bool = False
+) -> Stack:
+    """The fleet (plus, unless ``sims_only``, the service and Envoy); ``standby`` simulators are
+    declared but not started (scale-out)."""
     return Stack(
         log_dir=log_dir,
         n_backends=N_SIMS,
@@ -285,33 +257,27 @@ def make_stack(log_dir: Path, *, replicas: int = 1, standby: int = 1) -> Stack:
         service_args=SERVICE_ARGS,
         service_replicas=replicas,
         envoy_concurrency=1,
+        sims_only=sims_only,
     )
 
 
-def wait_service_warm(admin_urls: Sequence[str], endpoints: Sequence[str],
-                      timeout: float = 20.0) -> None:
-    """Poll /backends until every running backend has fresh metrics in every replica."""
-    def ready() -> bool:
-        for admin in admin_urls:
-            status, body = http_get(f"{admin}/backends", timeout=1.0)
-            if status != 200:
-                return False
-            fresh = {b["endpoint"] for b in json.loads(body).get("backends", [])
-                     if b.get("freshness") == "fresh"}
-            if not set(endpoints) <= fresh:
-                return False
-        return True
-
-    poll_until(ready, timeout=timeout, what="fresh metrics of every running backend")
-
-
 def smoke(url: str) -> None:
-    body = json.dumps({"model": "tiny-llama", "max_tokens": 1, "ignore_eos": True,
-                       "messages": [{"role": "user", "content": "ping"}]}).encode()
+    body = json.dumps(
+        {
+            "model": "tiny-llama",
+            "max_tokens": 1,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": "ping"}],
+        }
+    ).encode()
 
     def ok() -> bool:
-        req = urllib.request.Request(url + "/v1/chat/completions", data=body, method="POST",
-                                     headers={"content-type": "application/json"})
+        req = urllib.request.Request(
+            url + "/v1/chat/completions",
+            data=body,
+            method="POST",
+            headers={"content-type": "application/json"},
+        )
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(req, timeout=5) as resp:
             return resp.status == 200 and bool(resp.headers.get("x-inference-pod"))
@@ -334,8 +300,12 @@ def runtime_faults_supported(sim_url: str) -> bool:
 
 
 def set_runtime_fault(sim_url: str, faults: dict[str, Any]) -> None:
-    req = urllib.request.Request(sim_url + "/sim/faults", data=json.dumps(faults).encode(),
-                                 method="POST", headers={"content-type": "application/json"})
+    req = urllib.request.Request(
+        sim_url + "/sim/faults",
+        data=json.dumps(faults).encode(),
+        method="POST",
+        headers={"content-type": "application/json"},
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(req, timeout=2) as resp:
         if resp.status != 200:
@@ -421,11 +391,21 @@ def add_router_worker(router_url: str, worker_url: str) -> str:
     """Register a worker with a running Rust router; returns the API that worked."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     attempts = [
-        ("POST /workers", urllib.request.Request(
-            router_url + "/workers", data=json.dumps({"url": worker_url}).encode(), method="POST",
-            headers={"content-type": "application/json"})),
-        ("POST /add_worker", urllib.request.Request(
-            router_url + f"/add_worker?url={worker_url}", data=b"", method="POST")),
+        (
+            "POST /workers",
+            urllib.request.Request(
+                router_url + "/workers",
+                data=json.dumps({"url": worker_url}).encode(),
+                method="POST",
+                headers={"content-type": "application/json"},
+            ),
+        ),
+        (
+            "POST /add_worker",
+            urllib.request.Request(
+                router_url + f"/add_worker?url={worker_url}", data=b"", method="POST"
+            ),
+        ),
     ]
     errors = []
     for name, req in attempts:
@@ -462,29 +442,60 @@ class Scenario:
 
     def quick(self) -> Scenario:
         scale = 0.5
-        return Scenario(self.name, self.title, self.backend, self.target,
-                        duration=max(14.0, self.duration * scale + 2), fault_at=4.0,
-                        restore_at=None if self.restore_at is None else 10.0)
+        return Scenario(
+            self.name,
+            self.title,
+            self.backend,
+            self.target,
+            duration=max(14.0, self.duration * scale + 2),
+            fault_at=4.0,
+            restore_at=None if self.restore_at is None else 10.0,
+        )
 
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
-    Scenario("backend-kill", "backend SIGKILL (restarted at the end of the fault window)", True,
-             "0 errors among requests started after the fault"),
-    Scenario("backend-stop", "backend SIGSTOP (hung; SIGCONT at the end of the fault window)",
-             True, f"no new request to the hung backend later than {ROUTING_TARGET_S:g} s after "
-             "the fault"),
-    Scenario("metrics-hang", "backend /metrics hangs (inference still answers)", True,
-             f"no new request to the backend later than {ROUTING_TARGET_S:g} s after the fault "
-             "(routers that read /metrics; the Rust routers do not, so theirs is not judged)"),
-    Scenario("backend-500", "backend answers every inference request with HTTP 500", True, ""),
-    Scenario("backend-added", "a 5th backend starts mid-run (scale-out)", True, "",
-             restore_at=None),
-    Scenario("service-kill", "service SIGKILL (restarted at the end of the fault window)", False,
-             "0 errors (fail-open)"),
-    Scenario("service-rolling", "rolling restart of 2 service replicas (SIGTERM, wait for exit, "
-             "start, wait until Envoy sees it healthy, then the other)", False, "0 errors",
-             duration=36.0, restore_at=None),
-)}
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "backend-kill",
+            "backend SIGKILL (restarted at the end of the fault window)",
+            True,
+            "0 errors among requests started after the fault",
+        ),
+        Scenario(
+            "backend-stop",
+            "backend SIGSTOP (hung; SIGCONT at the end of the fault window)",
+            True,
+            f"no new request to the hung backend later than {ROUTING_TARGET_S:g} s after the fault",
+        ),
+        Scenario(
+            "metrics-hang",
+            "backend /metrics hangs (inference still answers)",
+            True,
+            f"no new request to the backend later than {ROUTING_TARGET_S:g} s after the fault "
+            "(routers that read /metrics; the Rust routers do not, so theirs is not judged)",
+        ),
+        Scenario("backend-500", "backend answers every inference request with HTTP 500", True, ""),
+        Scenario(
+            "backend-added", "a 5th backend starts mid-run (scale-out)", True, "", restore_at=None
+        ),
+        Scenario(
+            "service-kill",
+            "service SIGKILL (restarted at the end of the fault window)",
+            False,
+            "0 errors (fail-open)",
+        ),
+        Scenario(
+            "service-rolling",
+            "rolling restart of 2 service replicas (SIGTERM, wait for exit, "
+            "start, wait until Envoy sees it healthy, then the other)",
+            False,
+            "0 errors",
+            duration=36.0,
+            restore_at=None,
+        ),
+    )
+}
 ROUTER_FAMILIES = ("sglang-router", "vllm-router")
 
 
@@ -498,8 +509,16 @@ class Contender:
         return "extproc (default)" if self.family == "extproc" else f"{self.family}:{RUST_POLICY}"
 
 
-def run_fault_script(sc: Scenario, fleet: Any, tl: Timeline, *, stack: Stack | None,
-                     router_url: str | None, runtime: bool, notes: list[str]) -> None:
+def run_fault_script(
+    sc: Scenario,
+    fleet: Any,
+    tl: Timeline,
+    *,
+    stack: Stack | None,
+    router_url: str | None,
+    runtime: bool,
+    notes: list[str],
+) -> None:
     """Runs in a thread: inject the scenario's fault at its time, undo it at restore time."""
     try:
         tl.wait_until(sc.fault_at)
@@ -533,8 +552,11 @@ def run_fault_script(sc: Scenario, fleet: Any, tl: Timeline, *, stack: Stack | N
                 stack.start_service(j)
                 tl.mark(f"replica {j} ready")
                 ep = f"127.0.0.1:{stack.service_grpc_port(j)}"
-                poll_until(lambda ep=ep: envoy_host_healthy(stack.envoy_admin_url, "extproc", ep),
-                           timeout=20, what=f"Envoy to see replica {j} healthy")
+                poll_until(
+                    lambda ep=ep: envoy_host_healthy(stack.envoy_admin_url, "extproc", ep),
+                    timeout=20,
+                    what=f"Envoy to see replica {j} healthy",
+                )
                 tl.mark(f"replica {j} healthy in Envoy")
             tl.mark("rolling restart done")
             return
@@ -547,8 +569,15 @@ def run_fault_script(sc: Scenario, fleet: Any, tl: Timeline, *, stack: Stack | N
         notes.append(f"fault script error: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
 
 
-def run_scenario(sc: Scenario, contender: Contender, *, seed: int, rate: float,
-                 log_dir: Path, runtime_faults: bool | None) -> dict[str, Any]:
+def run_scenario(
+    sc: Scenario,
+    contender: Contender,
+    *,
+    seed: int,
+    rate: float,
+    log_dir: Path,
+    runtime_faults: bool | None,
+) -> dict[str, Any]:
     log_dir.mkdir(parents=True, exist_ok=True)
     n_max = int(rate * sc.duration * 1.5) + 64
     wl, streams = make_workload(seed, n_max)
@@ -564,35 +593,48 @@ def run_scenario(sc: Scenario, contender: Contender, *, seed: int, rate: float,
             stack.start()
             fleet = stack
             url = stack.url
-            wait_service_warm([stack.service_admin_url(j) for j in range(stack.service_replicas)],
-                              stack.sim_endpoints)
+            stack.wait_metrics_fresh()
         else:
-            fleet = SimFleet(log_dir, N_SIMS, standby=1).start()
+            fleet = make_stack(log_dir, sims_only=True).start()
             port, prom = free_port(), free_port()
-            start = (routers.start_sglang_router if contender.family == "sglang-router"
-                     else routers.start_vllm_router)
-            router = start(port=port, prometheus_port=prom,
-                           worker_urls=fleet.all_sim_urls[:N_SIMS], policy=RUST_POLICY,
-                           log_dir=log_dir)
+            start = (
+                routers.start_sglang_router
+                if contender.family == "sglang-router"
+                else routers.start_vllm_router
+            )
+            router = start(
+                port=port,
+                prometheus_port=prom,
+                worker_urls=fleet.all_sim_urls[:N_SIMS],
+                policy=RUST_POLICY,
+                log_dir=log_dir,
+            )
             url = router_url = f"http://127.0.0.1:{port}"
         smoke(url)
-        runtime = (runtime_faults if runtime_faults is not None
-                   else runtime_faults_supported(fleet.all_sim_urls[0]))
+        runtime = (
+            runtime_faults
+            if runtime_faults is not None
+            else runtime_faults_supported(fleet.all_sim_urls[0])
+        )
         if sc.name in FLAG_FAULTS and not runtime:
-            notes.append("emulated: vllmsim has no runtime fault switch, so the fault is "
-                         "switched on/off by restarting the backend with/without "
-                         f"`{' '.join(FLAG_FAULTS[sc.name][1])}` (requests in flight on it are "
-                         "cut, and it refuses connections for ~1-2 s each time)")
+            notes.append(
+                "emulated: vllmsim has no runtime fault switch, so the fault is "
+                "switched on/off by restarting the backend with/without "
+                f"`{' '.join(FLAG_FAULTS[sc.name][1])}` (requests in flight on it are "
+                "cut, and it refuses connections for ~1-2 s each time)"
+            )
         setup_s = time.monotonic() - t_setup
         t0 = time.perf_counter() + 0.2
         tl = Timeline(t0)
-        th = threading.Thread(target=run_fault_script, name=f"fault-{sc.name}", daemon=True,
-                              args=(sc, fleet, tl),
-                              kwargs={"stack": stack, "router_url": router_url,
-                                      "runtime": runtime, "notes": notes})
+        th = threading.Thread(
+            target=run_fault_script,
+            name=f"fault-{sc.name}",
+            daemon=True,
+            args=(sc, fleet, tl),
+            kwargs={"stack": stack, "router_url": router_url, "runtime": runtime, "notes": notes},
+        )
         th.start()
-        recs = asyncio.run(run_open_loop(url, wl, streams, rate=rate, duration=sc.duration,
-                                         t0=t0))
+        recs = asyncio.run(run_open_loop(url, wl, streams, rate=rate, duration=sc.duration, t0=t0))
         th.join(timeout=90)
         if th.is_alive():
             notes.append("fault script still running after the load ended")
@@ -600,16 +642,17 @@ def run_scenario(sc: Scenario, contender: Contender, *, seed: int, rate: float,
         if stack is not None:
             # What Envoy did about the fault: outlier ejections, retries, health-check failures.
             with contextlib.suppress(Exception):
-                body = http_get(f"{stack.envoy_admin_url}/stats?filter="
-                                "cluster.vllm.(outlier|upstream_rq_retry|health_check|"
-                                "upstream_rq_5xx|upstream_cx_connect_fail)", timeout=2.0)[1]
+                body = http_get(
+                    f"{stack.envoy_admin_url}/stats?filter="
+                    "cluster.vllm.(outlier|upstream_rq_retry|health_check|"
+                    "upstream_rq_5xx|upstream_cx_connect_fail)",
+                    timeout=2.0,
+                )[1]
                 for line in body.splitlines():
                     k, _, v = line.partition(": ")
                     if v.strip().isdigit() and int(v) > 0:
                         envoy_stats[k.strip()] = int(v)
-        dead = [p.name for p in (stack.procs if stack else [*(q for q in fleet.procs if q),
-                                                             *([router] if router else [])])
-                if not p.alive()]
+        dead = [p.name for p in [*fleet.procs, *([router] if router else [])] if not p.alive()]
         if dead:
             notes.append("dead at the end: " + ", ".join(dead))
     finally:
@@ -620,9 +663,7 @@ def run_scenario(sc: Scenario, contender: Contender, *, seed: int, rate: float,
                     p.send_signal(signal.SIGCONT)
         if router is not None:
             router.stop()
-        if stack is not None:
-            stack.stop()
-        elif fleet is not None:
+        if fleet is not None:
             fleet.stop()
     endpoints = fleet.all_sim_endpoints
     rec = analyse(sc, contender, recs, tl, endpoints, rate)
@@ -641,8 +682,14 @@ def _p90_ms(xs: Sequence[float]) -> float:
     return percentile(xs, 90) * 1000 if xs else math.nan
 
 
-def analyse(sc: Scenario, contender: Contender, recs: Sequence[Rec], tl: Timeline,
-            endpoints: Sequence[str], rate: float) -> dict[str, Any]:
+def analyse(
+    sc: Scenario,
+    contender: Contender,
+    recs: Sequence[Rec],
+    tl: Timeline,
+    endpoints: Sequence[str],
+    rate: float,
+) -> dict[str, Any]:
     events = tl.events
     T = sc.fault_at
     # End of the fault window: the repair (or, for a rolling restart / scale-out, the last
@@ -650,8 +697,11 @@ def analyse(sc: Scenario, contender: Contender, recs: Sequence[Rec], tl: Timelin
     if sc.name == "service-rolling":
         R = tl.first("rolling restart done") or sc.duration
     elif sc.name == "backend-added":
-        R = tl.first(f"{sim_name(NEWCOMER)} added") or tl.first(f"{sim_name(NEWCOMER)} ready") \
+        R = (
+            tl.first(f"{sim_name(NEWCOMER)} added")
+            or tl.first(f"{sim_name(NEWCOMER)} ready")
             or sc.duration
+        )
     else:
         R = sc.restore_at if sc.restore_at is not None else sc.duration
     victim_ep = endpoints[VICTIM]
@@ -686,8 +736,11 @@ def analyse(sc: Scenario, contender: Contender, recs: Sequence[Rec], tl: Timelin
         "errors_started_during": errs(during),
         "errors_started_after_repair": errs(after),
         "errors_started_after_fault": errs(during) + errs(after),
-        "ttft_p90_ms": {"before": ttft_p90([r for r in recs if r.sent < T]),
-                        "during": ttft_p90(during), "after": ttft_p90(after)},
+        "ttft_p90_ms": {
+            "before": ttft_p90([r for r in recs if r.sent < T]),
+            "during": ttft_p90(during),
+            "after": ttft_p90(after),
+        },
         "events": events,
         "error_kinds": _error_kinds([r for r in recs if not r.ok]),
     }
@@ -708,10 +761,12 @@ def analyse(sc: Scenario, contender: Contender, recs: Sequence[Rec], tl: Timelin
         got = sorted(r.sent for r in recs if r.pod == new_pod)
         out["newcomer_ready_s"] = ready
         out["newcomer_first_request_after_ready_s"] = (
-            round(got[0] - ready, 2) if got and ready is not None else None)
+            round(got[0] - ready, 2) if got and ready is not None else None
+        )
         window = [r for r in recs if ready is not None and r.sent >= ready + 2.0]
-        out["newcomer_share_after"] = (sum(1 for r in window if r.pod == new_pod) / len(window)
-                                       if window else None)
+        out["newcomer_share_after"] = (
+            sum(1 for r in window if r.pod == new_pod) / len(window) if window else None
+        )
     if not sc.backend:
         win = [r for r in recs if r.sent < R and end(r) >= T]
         out["routed_without_service"] = sum(1 for r in win if r.ok and not r.reason)
@@ -723,8 +778,11 @@ def _error_kinds(bad: Sequence[Rec]) -> dict[str, int]:
     kinds: dict[str, int] = {}
     for r in bad:
         e = r.error or "?"
-        m = re.match(r"(http \d+|connection: \w+|timeout|stream error|incomplete|deadline|empty|"
-                     r"bad body)", e)
+        m = re.match(
+            r"(http \d+|connection: \w+|timeout|stream error|incomplete|deadline|empty|"
+            r"bad body)",
+            e,
+        )
         k = m.group(1) if m else e[:40]
         kinds[k] = kinds.get(k, 0) + 1
     return kinds
@@ -762,8 +820,11 @@ def markdown(doc: dict[str, Any]) -> str:
         f"# Faults{' (quick)' if cfg['quick'] else ''}",
         "",
         f"`{doc['command']}`, {doc['started']} UTC, {doc['wall_minutes']:.1f} min, seed "
-        f"{cfg['seed']}. Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items())
-        + ". Code fingerprint: " + ", ".join(f"{k} `{v}`" for k, v in doc["code"].items()) + ".",
+        f"{cfg['seed']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in doc["versions"].items())
+        + ". Code fingerprint: "
+        + ", ".join(f"{k} `{v}`" for k, v in doc["code"].items())
+        + ".",
         "",
         f"Stack: {N_SIMS} × `vllmsim {' '.join(FLEET_ARGS)} --time-scale {TIME_SCALE:g}` + "
         "the service (default flags, `--log-level warning`) + Envoy (envoy/envoy.yaml rendered "
@@ -793,8 +854,11 @@ def markdown(doc: dict[str, Any]) -> str:
             continue
         for r in runs:
             trows.append([sc_name, r["contender"], sc.target, _yes(r.get("target_met"))])
-    lines.append(markdown_table(["scenario", "contender", "target", "met"], trows) if trows
-                 else "(no scenario with a target was run)\n")
+    lines.append(
+        markdown_table(["scenario", "contender", "target", "met"], trows)
+        if trows
+        else "(no scenario with a target was run)\n"
+    )
     for sc_name, runs in doc["scenarios"].items():
         sc = SCENARIOS[sc_name]
         lines += [f"## {sc_name}: {sc.title}", ""]
@@ -804,7 +868,10 @@ def markdown(doc: dict[str, Any]) -> str:
         for r in runs:
             t = r["ttft_p90_ms"]
             row = [
-                r["contender"], r["requests"], r["errors_total"], r["errors_before"],
+                r["contender"],
+                r["requests"],
+                r["errors_total"],
+                r["errors_before"],
                 f"{r['errors_inflight']} / {r['inflight_at_fault']}",
                 f"{r['errors_started_after_fault']} ({r['errors_started_during']} + "
                 f"{r['errors_started_after_repair']})",
@@ -841,40 +908,60 @@ def markdown(doc: dict[str, Any]) -> str:
 def _render(doc: dict[str, Any]) -> str:
     # Failed runs have no table row; they stay in the JSON and are listed at the end.
     ok_doc = dict(doc)
-    ok_doc["scenarios"] = {k: [r for r in v if "failed" not in r]
-                           for k, v in doc["scenarios"].items()}
+    ok_doc["scenarios"] = {
+        k: [r for r in v if "failed" not in r] for k, v in doc["scenarios"].items()
+    }
     md = markdown(ok_doc)
     failed = [r for v in doc["scenarios"].values() for r in v if "failed" in r]
     if failed:
-        md += "\n## Runs that failed\n\n" + "\n".join(
-            f"* {r['scenario']} / {r['contender']}: {r['failed'].splitlines()[0]}"
-            for r in failed) + "\n"
+        md += (
+            "\n## Runs that failed\n\n"
+            + "\n".join(
+                f"* {r['scenario']} / {r['contender']}: {r['failed'].splitlines()[0]}"
+                for r in failed
+            )
+            + "\n"
+        )
     return md
 
 
 # ============================================================================ main
-def code_fingerprint() -> dict[str, str]:
-    from bench.bench_routing import code_fingerprint as fp
-
-    return fp()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="shorter scenarios (fault at 4 s), Rust routers on backend-kill only")
-    ap.add_argument("--scenario", action="append", default=[],
-                    help="run only these (repeatable or comma list): " + ", ".join(SCENARIOS))
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="shorter scenarios (fault at 4 s), Rust routers on backend-kill only",
+    )
+    ap.add_argument(
+        "--scenario",
+        action="append",
+        default=[],
+        help="run only these (repeatable or comma list): " + ", ".join(SCENARIOS),
+    )
     ap.add_argument("--contenders", default="extproc,sglang-router,vllm-router")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--capacity", type=float, default=None,
-                    help="fleet capacity in simulated req/s (default: bench-routing's)")
+    ap.add_argument(
+        "--capacity",
+        type=float,
+        default=None,
+        help="fleet capacity in simulated req/s (default: bench-routing's)",
+    )
     ap.add_argument("--load", type=float, default=LOAD)
-    ap.add_argument("--runtime-faults", choices=("auto", "yes", "no"), default="auto",
-                    help="use vllmsim's POST /sim/faults (auto: when it answers)")
+    ap.add_argument(
+        "--runtime-faults",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="use vllmsim's POST /sim/faults (auto: when it answers)",
+    )
     ap.add_argument("--out", default=None, help="results name (default faults / faults-quick)")
-    ap.add_argument("--report-only", type=Path, default=None, metavar="JSON",
-                    help="re-render the markdown (and re-judge the targets) of a results JSON")
+    ap.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="re-render the markdown (and re-judge the targets) of a results JSON",
+    )
     a = ap.parse_args(argv)
     if a.report_only:
         doc = json.loads(a.report_only.read_text())
@@ -896,9 +983,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"skipping {fam}: {routers.sglang_router_available()}", file=sys.stderr)
         if fam == "vllm-router" and routers.vllm_router_available():
             print(f"skipping {fam}: {routers.vllm_router_available()}", file=sys.stderr)
-    families = [f for f in families if not (
-        (f == "sglang-router" and routers.sglang_router_available())
-        or (f == "vllm-router" and routers.vllm_router_available()))]
+    families = [
+        f
+        for f in families
+        if not (
+            (f == "sglang-router" and routers.sglang_router_available())
+            or (f == "vllm-router" and routers.vllm_router_available())
+        )
+    ]
     cap, source = (a.capacity, "--capacity") if a.capacity else capacity_from_routing_results()
     rate = a.load * cap * TIME_SCALE
     runtime = {"auto": None, "yes": True, "no": False}[a.runtime_faults]
@@ -910,16 +1002,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
         "versions": routers.router_versions(),
         "code": code_fingerprint(),
-        "config": {"quick": a.quick, "seed": a.seed, "load": a.load, "capacity_sim": cap,
-                   "capacity_source": source, "rate_wall": rate, "time_scale": TIME_SCALE,
-                   "fleet_args": FLEET_ARGS, "service_args": SERVICE_ARGS,
-                   "rust_policy": RUST_POLICY, "stream_share": STREAM_SHARE,
-                   "request_timeout_s": REQUEST_TIMEOUT, "victim": sim_name(VICTIM)},
+        "config": {
+            "quick": a.quick,
+            "seed": a.seed,
+            "load": a.load,
+            "capacity_sim": cap,
+            "capacity_source": source,
+            "rate_wall": rate,
+            "time_scale": TIME_SCALE,
+            "fleet_args": FLEET_ARGS,
+            "service_args": SERVICE_ARGS,
+            "rust_policy": RUST_POLICY,
+            "stream_share": STREAM_SHARE,
+            "request_timeout_s": REQUEST_TIMEOUT,
+            "victim": sim_name(VICTIM),
+        },
         "scenarios": {},
     }
-    print(f"bench-faults: {len(names)} scenario(s), {rate:.1f} req/s wall "
-          f"({a.load * 100:.0f} % of {cap:.1f} sim req/s × time scale {TIME_SCALE:g}); "
-          f"logs in {run_dir}", flush=True)
+    print(
+        f"bench-faults: {len(names)} scenario(s), {rate:.1f} req/s wall "
+        f"({a.load * 100:.0f} % of {cap:.1f} sim req/s × time scale {TIME_SCALE:g}); "
+        f"logs in {run_dir}",
+        flush=True,
+    )
     for name in names:
         sc = SCENARIOS[name].quick() if a.quick else SCENARIOS[name]
         fams = ["extproc"] if "extproc" in families else []
@@ -930,21 +1035,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             t = time.monotonic()
             print(f"  {name:16s} {c.name:28s} ...", end="", flush=True)
             try:
-                rec = run_scenario(sc, c, seed=a.seed, rate=rate,
-                                   log_dir=run_dir / name / fam, runtime_faults=runtime)
+                rec = run_scenario(
+                    sc,
+                    c,
+                    seed=a.seed,
+                    rate=rate,
+                    log_dir=run_dir / name / fam,
+                    runtime_faults=runtime,
+                )
             except Exception as exc:  # noqa: BLE001 - one broken run must not lose the others
                 print(f" FAILED: {str(exc).splitlines()[0]}", flush=True)
-                rec = {"scenario": name, "contender": c.name, "family": fam,
-                       "failed": f"{type(exc).__name__}: {exc}"[:2000]}
+                rec = {
+                    "scenario": name,
+                    "contender": c.name,
+                    "family": fam,
+                    "failed": f"{type(exc).__name__}: {exc}"[:2000],
+                }
                 doc["scenarios"].setdefault(name, []).append(rec)
                 continue
             doc["scenarios"].setdefault(name, []).append(rec)
             last = rec.get("last_to_victim_or_unnamed_error_s")
-            print(f" {time.monotonic() - t:5.1f}s  n={rec['requests']} errors "
-                  f"{rec['errors_total']} (in flight {rec['errors_inflight']}, after "
-                  f"{rec['errors_started_after_fault']})"
-                  + (f" last-to-victim {last}s" if last is not None else "")
-                  + f" target {rec['target_met']}", flush=True)
+            print(
+                f" {time.monotonic() - t:5.1f}s  n={rec['requests']} errors "
+                f"{rec['errors_total']} (in flight {rec['errors_inflight']}, after "
+                f"{rec['errors_started_after_fault']})"
+                + (f" last-to-victim {last}s" if last is not None else "")
+                + f" target {rec['target_met']}",
+                flush=True,
+            )
     doc["wall_minutes"] = (time.time() - started) / 60
     write_results(out_name, doc, _render(doc))
     print(f"wrote bench/results/{out_name}.md and .json ({doc['wall_minutes']:.1f} min)")

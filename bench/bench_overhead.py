@@ -60,6 +60,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+from common import write_results
 from overhead_backend import metrics_fixture, render_fake_vllm_config
 
 from devstack.envoy_config import render_local_config_dict
@@ -487,11 +488,15 @@ def _duplex_listener(ingress: dict[str, Any], port: int) -> dict[str, Any]:
             hcm["stat_prefix"] = "ingress_duplex"
             for vhost in hcm["route_config"]["virtual_hosts"]:
                 for route in vhost["routes"]:
-                    per = route.get("typed_per_filter_config", {}).get("envoy.filters.http.ext_proc", {})
+                    per = route.get("typed_per_filter_config", {}).get(
+                        "envoy.filters.http.ext_proc", {}
+                    )
                     mode = per.get("overrides", {}).get("processing_mode")
                     if mode and mode.get("request_body_mode") == "BUFFERED":
                         # Envoy requires trailers SEND with a duplex body.
-                        mode.update(request_body_mode="FULL_DUPLEX_STREAMED", request_trailer_mode="SEND")
+                        mode.update(
+                            request_body_mode="FULL_DUPLEX_STREAMED", request_trailer_mode="SEND"
+                        )
     return duplex
 
 
@@ -594,13 +599,7 @@ class Rig:
             "duplex_listener",
             "envoy_admin",
         ]
-        chosen: dict[str, int] = {}
-        for n in names:
-            p = free_port()
-            while p in chosen.values():
-                p = free_port()
-            chosen[n] = p
-        self.ports = chosen
+        self.ports = {n: free_port() for n in names}  # free_port never repeats itself
 
     def _start_once(self) -> None:
         self._pick_ports()
@@ -1086,21 +1085,6 @@ def build_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results_fallback(name: str, data: dict[str, Any], markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    (RESULTS / f"{name}.md").write_text(markdown, encoding="utf-8")
-
-
-def write(name: str, data: dict[str, Any], markdown: str) -> None:
-    try:
-        from common import write_results  # bench/common.py (shared helper)
-    except ImportError:
-        write_results_fallback(name, data, markdown)
-    else:
-        write_results(name, data, markdown)
-
-
 # ============================================================================ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
@@ -1359,7 +1343,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": profile,
     }
     md = build_markdown(data)
-    write(args.name, data, md)
+    write_results(args.name, data, md)
     print()
     print(md)
     print(

@@ -133,11 +133,18 @@ ALTERNATIVES: list[tuple[str, Callable[[str], int]]] = [
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--number", type=int, default=300, help="parses per repeat, our parser")
-    ap.add_argument("--baseline-number", type=int, default=10,
-                    help="parses per repeat, prometheus_client (~100x slower)")
+    ap.add_argument(
+        "--baseline-number",
+        type=int,
+        default=10,
+        help="parses per repeat, prometheus_client (~100x slower)",
+    )
     ap.add_argument("--repeats", type=int, default=7, help="repeats; the median is reported")
-    ap.add_argument("--no-alternatives", action="store_true",
-                    help="skip the table of alternative scan strategies")
+    ap.add_argument(
+        "--no-alternatives",
+        action="store_true",
+        help="skip the table of alternative scan strategies",
+    )
     ap.add_argument("--name", default="parse", help="results name: bench/results/<name>.{json,md}")
     args = ap.parse_args(argv)
 
@@ -218,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         args.name,
         {
             "budget_us": BUDGET_US,
-            "settings": {"number": args.number, "baseline_number": args.baseline_number,
-                         "repeats": args.repeats},
+            "settings": {
+                "number": args.number,
+                "baseline_number": args.baseline_number,
+                "repeats": args.repeats,
+            },
             "rows": rows,
             "alternatives": alternatives,
         },
@@ -230,16 +240,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["within_budget"] for r in rows) else 1
 
 
-def render_markdown(rows: list[dict[str, Any]], alts: list[dict[str, Any]],
-                    args: argparse.Namespace) -> str:
+def render_markdown(
+    rows: list[dict[str, Any]], alts: list[dict[str, Any]], args: argparse.Namespace
+) -> str:
     def cell(stats: dict[str, float], kind: str) -> str:
         # median (min): on a shared machine the min shows the undisturbed cost.
         return f"{stats[kind + '_us_median']:.0f} ({stats[kind + '_us_min']:.0f})"
 
     table = markdown_table(
-        ["fixture", "size", "ours warm CPU µs", "ours warm wall µs", "ours cold CPU µs",
-         "prometheus_client CPU µs", "prometheus_client wall µs", "ratio CPU warm / cold",
-         "≤ 2 ms"],
+        [
+            "fixture",
+            "size",
+            "ours warm CPU µs",
+            "ours warm wall µs",
+            "ours cold CPU µs",
+            "prometheus_client CPU µs",
+            "prometheus_client wall µs",
+            "ratio CPU warm / cold",
+            "≤ 2 ms",
+        ],
         [
             [
                 f"`{r['fixture']}`",
@@ -260,15 +279,15 @@ def render_markdown(rows: list[dict[str, Any]], alts: list[dict[str, Any]],
         "# vLLM /metrics parse time",
         "",
         (
-        "`make bench-parse` (`python bench/bench_parse.py`): per-parse time of "
-        "`extproc.metrics_parser.parse_vllm_metrics` against `prometheus_client.parser."
-        "text_string_to_metric_families` (consumed fully) on the real vLLM 0.32 captures in "
-        "`tests/fixtures/`. Median of "
-        f"{args.repeats} repeats of {args.number} parses (prometheus_client: "
-        f"{args.baseline_number}), shown as median (min); both measured interleaved in one "
-        "process, ratios from the medians. Budget "
-        "(docs/design.md): ≤ 2 ms CPU per page. *warm* = steady state (label cache filled by "
-        "earlier scrapes of the same server), *cold* = label cache cleared before each parse."
+            "`make bench-parse` (`python bench/bench_parse.py`): per-parse time of "
+            "`extproc.metrics_parser.parse_vllm_metrics` against `prometheus_client.parser."
+            "text_string_to_metric_families` (consumed fully) on the real vLLM 0.32 captures in "
+            "`tests/fixtures/`. Median of "
+            f"{args.repeats} repeats of {args.number} parses (prometheus_client: "
+            f"{args.baseline_number}), shown as median (min); both measured interleaved in one "
+            "process, ratios from the medians. Budget "
+            "(docs/design.md): ≤ 2 ms CPU per page. *warm* = steady state (label cache filled by "
+            "earlier scrapes of the same server), *cold* = label cache cleared before each parse."
         ),
         "",
         table,

@@ -43,6 +43,8 @@ for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from common import markdown_table, write_results  # noqa: E402
+
 from bench import routers  # noqa: E402
 from bench.bench_faults import (  # noqa: E402
     FLAG_FAULTS,
@@ -61,9 +63,7 @@ from bench.bench_faults import (  # noqa: E402
     runtime_faults_supported,
     sim_name,
     smoke,
-    wait_service_warm,
 )
-from common import markdown_table, write_results  # noqa: E402
 from devstack.processes import http_get  # noqa: E402
 
 RUN_DIR = ROOT / "run" / "bench-soak"
@@ -104,15 +104,22 @@ def schedule(duration: float) -> list[dict[str, Any]]:
     k = 0
     t = FAULT_OFFSET
     while t + FAULT_LEN < duration:
-        out.append({"kind": ROTATION[k % len(ROTATION)], "victim": k % N_SIMS, "at": t,
-                    "restore": t + FAULT_LEN})
+        out.append(
+            {
+                "kind": ROTATION[k % len(ROTATION)],
+                "victim": k % N_SIMS,
+                "at": t,
+                "restore": t + FAULT_LEN,
+            }
+        )
         k += 1
         t += FAULT_EVERY
     return out
 
 
-def fault_thread(plan: list[dict[str, Any]], stack: Any, tl: Timeline, runtime: bool,
-                 notes: list[str]) -> None:
+def fault_thread(
+    plan: list[dict[str, Any]], stack: Any, tl: Timeline, runtime: bool, notes: list[str]
+) -> None:
     for f in plan:
         try:
             tl.wait_until(f["at"])
@@ -127,8 +134,9 @@ def fault_thread(plan: list[dict[str, Any]], stack: Any, tl: Timeline, runtime: 
             f.setdefault("restored", tl.now())
 
 
-def sampler_thread(stack: Any, t0: float, end: float, samples: list[dict[str, Any]],
-                   stop: threading.Event) -> None:
+def sampler_thread(
+    stack: Any, t0: float, end: float, samples: list[dict[str, Any]], stop: threading.Event
+) -> None:
     while not stop.is_set():
         t = time.perf_counter() - t0
         if t > end:
@@ -172,9 +180,14 @@ def wait_idle(stack: Any, before: dict[str, Any], timeout: float = 20.0) -> dict
         time.sleep(0.5)
 
 
-def analyse(recs: Sequence[Rec], plan: list[dict[str, Any]], samples: list[dict[str, Any]],
-            duration: float, idle_before: dict[str, Any],
-            idle_after: dict[str, Any]) -> dict[str, Any]:
+def analyse(
+    recs: Sequence[Rec],
+    plan: list[dict[str, Any]],
+    samples: list[dict[str, Any]],
+    duration: float,
+    idle_before: dict[str, Any],
+    idle_after: dict[str, Any],
+) -> dict[str, Any]:
     windows = [(f.get("started", f["at"]), f.get("restored", f["restore"]) + GRACE) for f in plan]
 
     def touches(r: Rec) -> int | None:
@@ -207,8 +220,13 @@ def analyse(recs: Sequence[Rec], plan: list[dict[str, Any]], samples: list[dict[
             return {"baseline": None, "end": None, "max_after_60s": None, "growth": None}
         b, e = _median(base), _median(tail)
         mx = max(v for t, v in pts if t >= 60.0)
-        return {"baseline": b, "end": e, "max_after_60s": mx,
-                "growth": (e - b) / b if b else None, "first": pts[0][1]}
+        return {
+            "baseline": b,
+            "end": e,
+            "max_after_60s": mx,
+            "growth": (e - b) / b if b else None,
+            "first": pts[0][1],
+        }
 
     pids = sorted({s["pid"] for s in samples})
     out = {
@@ -229,6 +247,7 @@ def analyse(recs: Sequence[Rec], plan: list[dict[str, Any]], samples: list[dict[
     }
     g = out["rss_kb"]["growth"]
     fd = out["fds"]
+
     def idle_ok(key: str, slack: float) -> bool | None:
         b, a = idle_before.get(key), idle_after.get(key)
         return None if b is None or a is None else a <= b + slack
@@ -241,8 +260,9 @@ def analyse(recs: Sequence[Rec], plan: list[dict[str, Any]], samples: list[dict[
     out["targets"] = {
         "errors_outside_windows_0": out["errors_outside_windows"] == 0,
         "rss_growth_le_10pct": None if g is None else g <= RSS_TARGET,
-        "fds_no_growth": fd_idle if fd_idle is not None else (
-            None if fd["end"] is None else fd["end"] <= fd["baseline"] + 3),
+        "fds_no_growth": fd_idle
+        if fd_idle is not None
+        else (None if fd["end"] is None else fd["end"] <= fd["baseline"] + 3),
         "tasks_no_growth": idle_ok("asyncio_tasks", 2),
     }
     return out
@@ -266,7 +286,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"`{doc['command']}`, {doc['started']} UTC, {cfg['duration_s']:.0f} s of load "
         f"({doc['wall_minutes']:.1f} min in all), seed {cfg['seed']}. Code fingerprint: "
-        + ", ".join(f"{k} `{v}`" for k, v in doc["code"].items()) + ".",
+        + ", ".join(f"{k} `{v}`" for k, v in doc["code"].items())
+        + ".",
         "",
         f"Stack as in `faults.md` (4 simulators at time scale {TIME_SCALE:g}, the service with "
         f"default flags, Envoy). Load: open loop at {cfg['load'] * 100:.0f} % of capacity = "
@@ -277,30 +298,46 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        markdown_table(["target", "value", "met"], [
-            ["0 errors outside the fault windows",
-             f"{a['errors_outside_windows']} of {a['requests_outside_windows']} requests",
-             _yes(a["targets"]["errors_outside_windows_0"])],
-            ["service RSS growth after the first minute ≤ 10 %",
-             _f(None if a["rss_kb"]["growth"] is None else a["rss_kb"]["growth"] * 100,
-                "{:+.1f} %") + f" ({_f(a['rss_kb']['baseline'] and a['rss_kb']['baseline'] / 1024, '{:.1f}')} → "
-             f"{_f(a['rss_kb']['end'] and a['rss_kb']['end'] / 1024, '{:.1f}')} MiB, max "
-             f"{_f(a['rss_kb']['max_after_60s'] and a['rss_kb']['max_after_60s'] / 1024, '{:.1f}')} MiB)",
-             _yes(a["targets"]["rss_growth_le_10pct"])],
-            ["open file descriptors: no growth (idle before → idle after the load; under load "
-             "after 1 min → end)",
-             f"{_f(a['idle_before'].get('fds'))} → {_f(a['idle_after'].get('fds'))}; "
-             f"{_f(a['fds']['baseline'])} → {_f(a['fds']['end'])} (max "
-             f"{_f(a['fds']['max_after_60s'])})", _yes(a["targets"]["fds_no_growth"])],
-            ["asyncio tasks: no growth (same)",
-             "not exposed by the service (gauge `extproc_asyncio_tasks` missing)"
-             if a["asyncio_tasks"] is None else
-             f"{_f(a['idle_before'].get('asyncio_tasks'))} → "
-             f"{_f(a['idle_after'].get('asyncio_tasks'))}; "
-             f"{_f(a['asyncio_tasks']['baseline'])} → {_f(a['asyncio_tasks']['end'])} (max "
-             f"{_f(a['asyncio_tasks']['max_after_60s'])})",
-             _yes(a["targets"]["tasks_no_growth"])],
-        ], "llr"),
+        markdown_table(
+            ["target", "value", "met"],
+            [
+                [
+                    "0 errors outside the fault windows",
+                    f"{a['errors_outside_windows']} of {a['requests_outside_windows']} requests",
+                    _yes(a["targets"]["errors_outside_windows_0"]),
+                ],
+                [
+                    "service RSS growth after the first minute ≤ 10 %",
+                    _f(
+                        None if a["rss_kb"]["growth"] is None else a["rss_kb"]["growth"] * 100,
+                        "{:+.1f} %",
+                    )
+                    + f" ({_f(a['rss_kb']['baseline'] and a['rss_kb']['baseline'] / 1024, '{:.1f}')} → "
+                    f"{_f(a['rss_kb']['end'] and a['rss_kb']['end'] / 1024, '{:.1f}')} MiB, max "
+                    f"{_f(a['rss_kb']['max_after_60s'] and a['rss_kb']['max_after_60s'] / 1024, '{:.1f}')} MiB)",
+                    _yes(a["targets"]["rss_growth_le_10pct"]),
+                ],
+                [
+                    "open file descriptors: no growth (idle before → idle after the load; under load "
+                    "after 1 min → end)",
+                    f"{_f(a['idle_before'].get('fds'))} → {_f(a['idle_after'].get('fds'))}; "
+                    f"{_f(a['fds']['baseline'])} → {_f(a['fds']['end'])} (max "
+                    f"{_f(a['fds']['max_after_60s'])})",
+                    _yes(a["targets"]["fds_no_growth"]),
+                ],
+                [
+                    "asyncio tasks: no growth (same)",
+                    "not exposed by the service (gauge `extproc_asyncio_tasks` missing)"
+                    if a["asyncio_tasks"] is None
+                    else f"{_f(a['idle_before'].get('asyncio_tasks'))} → "
+                    f"{_f(a['idle_after'].get('asyncio_tasks'))}; "
+                    f"{_f(a['asyncio_tasks']['baseline'])} → {_f(a['asyncio_tasks']['end'])} (max "
+                    f"{_f(a['asyncio_tasks']['max_after_60s'])})",
+                    _yes(a["targets"]["tasks_no_growth"]),
+                ],
+            ],
+            "llr",
+        ),
         f"Requests: {a['requests']}, errors {a['errors_total']} in all; threads "
         f"{_f(a['threads']['baseline'])} → {_f(a['threads']['end'])}; TTFT p90 outside the "
         f"fault windows {_f(a['ttft_p90_ms_outside_windows'])} ms (wall). Service pid(s): "
@@ -308,24 +345,49 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
     ]
     if a["outside_error_examples"]:
-        lines += ["Errors outside the windows (first 10): "
-                  + "; ".join(a["outside_error_examples"]), ""]
+        lines += [
+            "Errors outside the windows (first 10): " + "; ".join(a["outside_error_examples"]),
+            "",
+        ]
     lines += ["## Faults", ""]
     rows = []
     for f, n in zip(doc["faults"], a["errors_per_fault"], strict=True):
-        rows.append([f"{f['at']:.0f}", f["kind"], sim_name(f["victim"]),
-                     _f(f.get("started"), "{:.2f}"), _f(f.get("restored"), "{:.2f}"), n])
-    lines.append(markdown_table(["at s", "fault", "backend", "started", "repaired",
-                                 "errors in its window"], rows, "rllrrr"))
+        rows.append(
+            [
+                f"{f['at']:.0f}",
+                f["kind"],
+                sim_name(f["victim"]),
+                _f(f.get("started"), "{:.2f}"),
+                _f(f.get("restored"), "{:.2f}"),
+                n,
+            ]
+        )
+    lines.append(
+        markdown_table(
+            ["at s", "fault", "backend", "started", "repaired", "errors in its window"],
+            rows,
+            "rllrrr",
+        )
+    )
     for note in doc["notes"]:
         lines.append(f"* note: {note.splitlines()[0]}")
     lines += ["", "## Samples (service)", ""]
-    srows = [[f"{s['t']:.0f}", _f(s.get("rss_kb") and s["rss_kb"] / 1024, "{:.1f}"),
-              s.get("fds", "–"), s.get("threads", "–"), _f(s.get("asyncio_tasks")),
-              _f(s.get("envoy_rss_kb") and s["envoy_rss_kb"] / 1024, "{:.1f}")]
-             for s in doc["samples"][:: max(1, len(doc["samples"]) // 40)]]
-    lines.append(markdown_table(["t s", "RSS MiB", "fds", "threads", "asyncio tasks",
-                                 "Envoy RSS MiB"], srows, "rrrrrr"))
+    srows = [
+        [
+            f"{s['t']:.0f}",
+            _f(s.get("rss_kb") and s["rss_kb"] / 1024, "{:.1f}"),
+            s.get("fds", "–"),
+            s.get("threads", "–"),
+            _f(s.get("asyncio_tasks")),
+            _f(s.get("envoy_rss_kb") and s["envoy_rss_kb"] / 1024, "{:.1f}"),
+        ]
+        for s in doc["samples"][:: max(1, len(doc["samples"]) // 40)]
+    ]
+    lines.append(
+        markdown_table(
+            ["t s", "RSS MiB", "fds", "threads", "asyncio tasks", "Envoy RSS MiB"], srows, "rrrrrr"
+        )
+    )
     return "\n".join(lines)
 
 
@@ -348,27 +410,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     wl, streams = make_workload(a.seed, int(rate * a.duration * 1.3) + 64)
     notes: list[str] = []
     samples: list[dict[str, Any]] = []
-    print(f"bench-soak: {a.duration:.0f} s at {rate:.1f} req/s wall, {len(plan)} faults; logs in "
-          f"{run_dir}", flush=True)
+    print(
+        f"bench-soak: {a.duration:.0f} s at {rate:.1f} req/s wall, {len(plan)} faults; logs in "
+        f"{run_dir}",
+        flush=True,
+    )
     stack = make_stack(run_dir, replicas=1, standby=0)
     stop = threading.Event()
     try:
         stack.start()
-        wait_service_warm([stack.admin_url], stack.sim_endpoints)
+        stack.wait_metrics_fresh()
         smoke(stack.url)
         idle_before = wait_idle(stack, {}, timeout=0)
-        runtime = ({"auto": None, "yes": True, "no": False}[a.runtime_faults])
+        runtime = {"auto": None, "yes": True, "no": False}[a.runtime_faults]
         if runtime is None:
             runtime = runtime_faults_supported(stack.sim_urls[0])
         if not runtime:
-            notes.append("emulated: " + " and ".join(FLAG_FAULTS) + " are switched by restarting "
-                         "the backend with/without the vllmsim flag (no runtime fault switch)")
+            notes.append(
+                "emulated: " + " and ".join(FLAG_FAULTS) + " are switched by restarting "
+                "the backend with/without the vllmsim flag (no runtime fault switch)"
+            )
         t0 = time.perf_counter() + 0.2
         tl = Timeline(t0)
-        ft = threading.Thread(target=fault_thread, args=(plan, stack, tl, runtime, notes),
-                              daemon=True)
-        st = threading.Thread(target=sampler_thread,
-                              args=(stack, t0, a.duration + 5, samples, stop), daemon=True)
+        ft = threading.Thread(
+            target=fault_thread, args=(plan, stack, tl, runtime, notes), daemon=True
+        )
+        st = threading.Thread(
+            target=sampler_thread, args=(stack, t0, a.duration + 5, samples, stop), daemon=True
+        )
         ft.start()
         st.start()
         last_print = [0.0]
@@ -377,11 +446,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if t - last_print[0] >= 30:
                 last_print[0] = t
                 rss = samples[-1].get("rss_kb", 0) / 1024 if samples else 0
-                print(f"  {t:6.0f}s sent {sent} errors {errors} service RSS {rss:.1f} MiB",
-                      flush=True)
+                print(
+                    f"  {t:6.0f}s sent {sent} errors {errors} service RSS {rss:.1f} MiB", flush=True
+                )
 
-        recs = asyncio.run(run_open_loop(stack.url, wl, streams, rate=rate,
-                                         duration=a.duration, t0=t0, progress=progress))
+        recs = asyncio.run(
+            run_open_loop(
+                stack.url, wl, streams, rate=rate, duration=a.duration, t0=t0, progress=progress
+            )
+        )
         stop.set()
         ft.join(timeout=60)
         st.join(timeout=10)
@@ -402,10 +475,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_minutes": (time.time() - started) / 60,
         "versions": routers.router_versions(),
         "code": code_fingerprint(),
-        "config": {"duration_s": a.duration, "seed": a.seed, "load": a.load, "rate_wall": rate,
-                   "capacity_sim": cap, "capacity_source": source, "time_scale": TIME_SCALE,
-                   "fault_every_s": FAULT_EVERY, "fault_len_s": FAULT_LEN, "grace_s": GRACE,
-                   "runtime_faults": runtime},
+        "config": {
+            "duration_s": a.duration,
+            "seed": a.seed,
+            "load": a.load,
+            "rate_wall": rate,
+            "capacity_sim": cap,
+            "capacity_source": source,
+            "time_scale": TIME_SCALE,
+            "fault_every_s": FAULT_EVERY,
+            "fault_len_s": FAULT_LEN,
+            "grace_s": GRACE,
+            "runtime_faults": runtime,
+        },
         "faults": plan,
         "events": tl.events,
         "notes": notes,
@@ -416,10 +498,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with (run_dir / "requests.jsonl").open("w", encoding="utf-8") as f:
         for r in recs:
             f.write(json.dumps(asdict(r)) + "\n")
-    print(f"wrote bench/results/{a.out}.md and .json: errors outside windows "
-          f"{analysis['errors_outside_windows']}, RSS growth "
-          f"{analysis['rss_kb']['growth']}, fds {analysis['fds']['baseline']} -> "
-          f"{analysis['fds']['end']}", flush=True)
+    print(
+        f"wrote bench/results/{a.out}.md and .json: errors outside windows "
+        f"{analysis['errors_outside_windows']}, RSS growth "
+        f"{analysis['rss_kb']['growth']}, fds {analysis['fds']['baseline']} -> "
+        f"{analysis['fds']['end']}",
+        flush=True,
+    )
     return 0
 
 

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -29,7 +28,9 @@ from typing import Any
 
 import aiohttp
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -44,8 +45,15 @@ async def start_sim(cpu: int | None, extra: list[str]) -> tuple[asyncio.subproce
             os.sched_setaffinity(0, {cpu})
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vllmsim", "--port", "0", *extra,
-        stdout=asyncio.subprocess.PIPE, preexec_fn=pin)
+        sys.executable,
+        "-m",
+        "vllmsim",
+        "--port",
+        "0",
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        preexec_fn=pin,
+    )
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
     if not line.startswith("vllmsim ready:"):
@@ -60,13 +68,23 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def client(session: aiohttp.ClientSession, base: str, stop_at: float, rng: random.Random,
-                 prefixes: list[str], out: dict[str, Any]) -> None:
+async def client(
+    session: aiohttp.ClientSession,
+    base: str,
+    stop_at: float,
+    rng: random.Random,
+    prefixes: list[str],
+    out: dict[str, Any],
+) -> None:
     """Keep one stream in flight until ``stop_at`` (a bounded load loop)."""
     while time.monotonic() < stop_at:
         prompt = rng.choice(prefixes) + f" user question {rng.random()}" * 8
-        payload = {"prompt": prompt, "max_tokens": rng.randint(128, 384), "ignore_eos": True,
-                   "stream": True}
+        payload = {
+            "prompt": prompt,
+            "max_tokens": rng.randint(128, 384),
+            "ignore_eos": True,
+            "stream": True,
+        }
         last = None
         try:
             async with session.post(f"{base}/v1/completions", json=payload) as r:
@@ -87,27 +105,31 @@ async def client(session: aiohttp.ClientSession, base: str, stop_at: float, rng:
             out["errors"] += 1
 
 
-async def scenario(name: str, instances: int, streams: int, duration: float,
-                   pin: bool, extra: list[str]) -> dict[str, Any]:
+async def scenario(
+    name: str, instances: int, streams: int, duration: float, pin: bool, extra: list[str]
+) -> dict[str, Any]:
     ncpu = os.cpu_count() or 1
     if pin and ncpu >= 2:
         os.sched_setaffinity(0, {1})
     procs = [await start_sim(0 if pin else None, extra) for _ in range(instances)]
     rng = random.Random(42)
-    prefixes = [f"System prompt number {i}: " + "you are a helpful assistant. " * 40
-                for i in range(8)]
-    out: dict[str, Any] = {"gaps": [], "ttft": [], "sent": {}, "chunks": 0, "requests": 0,
-                           "errors": 0}
+    prefixes = [
+        f"System prompt number {i}: " + "you are a helpful assistant. " * 40 for i in range(8)
+    ]
     try:
         conn = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=conn,
-                                         timeout=aiohttp.ClientTimeout(total=duration + 60)) as s:
+        async with aiohttp.ClientSession(
+            connector=conn, timeout=aiohttp.ClientTimeout(total=duration + 60)
+        ) as s:
             warm_stop = time.monotonic() + 3.0
             per = streams // instances
             # warm-up: fill the batch so the measured window is in steady state
             warm = {"gaps": [], "ttft": [], "sent": {}, "chunks": 0, "requests": 0, "errors": 0}
-            tasks = [asyncio.create_task(client(s, base, warm_stop + duration, rng, prefixes,
-                                                warm)) for _, base in procs for _ in range(per)]
+            tasks = [
+                asyncio.create_task(client(s, base, warm_stop + duration, rng, prefixes, warm))
+                for _, base in procs
+                for _ in range(per)
+            ]
             await asyncio.sleep(max(0.0, warm_stop - time.monotonic()))
             cpu0 = [cpu_seconds(p.pid) for p, _ in procs]
             before = []
@@ -143,7 +165,10 @@ async def scenario(name: str, instances: int, streams: int, duration: float,
     tokens = sum(a["generation_tokens"] - b["generation_tokens"] for a, b in zip(after, before))
     cpu_total = sum(c1 - c0 for c0, c1 in zip(cpu0, cpu1))
     return {
-        "scenario": name, "instances": instances, "streams": streams, "pinned": pin and ncpu >= 2,
+        "scenario": name,
+        "instances": instances,
+        "streams": streams,
+        "pinned": pin and ncpu >= 2,
         "duration_s": round(elapsed, 2),
         "lag_p50_ms": round(max(a["lag_wall_s"]["p50"] for a in after) * 1e3, 3),
         "lag_p99_ms": round(max(a["lag_wall_s"]["p99"] for a in after) * 1e3, 3),
@@ -164,48 +189,79 @@ async def scenario(name: str, instances: int, streams: int, duration: float,
     }
 
 
-def write_results(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python bench/bench_vllmsim.py " + " ".join(sys.argv[1:]),
-            "python": platform.python_version(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "sim_flags": args.sim_flags,
-            # the machine is shared: other processes' load explains lag we did not cause
-            "loadavg_before": args.loadavg_before, "loadavg_after": list(os.getloadavg())}
-    (RESULTS / "vllmsim.json").write_text(json.dumps({"meta": meta, "results": results},
-                                                     indent=2) + "\n")
-    cols = ["scenario", "instances", "streams", "pinned", "lag_p50_ms", "lag_p99_ms",
-            "lag_max_ms", "resyncs", "steps_per_s_per_instance", "sim_cpu_util_per_instance",
-            "sim_cpu_us_per_token",
-            "client_tokens_per_s", "client_gap_p50_ms", "sim_itl_mean_ms", "client_errors"]
-    lines = ["# vllmsim speed benchmark", "",
-             f"`{meta['command']}` on {meta['cpus']} CPUs ({meta['machine']}, Python "
-             f"{meta['python']}), {meta['date']}. Simulator flags: `{args.sim_flags}` "
-             "(defaults = 8B/H100 calibration, time scale 1). Load average before/after: "
-             f"{meta['loadavg_before']} / {meta['loadavg_after']} (shared machine).", "",
-             "Lag = wall time between an engine step's planned end and its actual completion "
-             "(p50/p99/max over the measured window). Resyncs = steps that were more than 100 ms "
-             "late (the engine then re-anchors its clock). A simulator that cannot keep up shows "
-             "a lag that grows without bound and CPU use pinned at 1.0; one that keeps up but "
-             "waits for a CPU now and then (other processes on a shared machine) shows a small "
-             "median with a tail. `sim_cpu_util` is the fraction of one core the simulator "
-             "process used, `sim_cpu_us_per_token` its CPU time (engine + HTTP + SSE) per "
-             "generated token.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+def write_report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    meta = {
+        "sim_flags": args.sim_flags,
+        # the machine is shared: other processes' load explains lag we did not cause
+        "loadavg_before": args.loadavg_before,
+        "loadavg_after": list(os.getloadavg()),
+    }
+    cols = [
+        "scenario",
+        "instances",
+        "streams",
+        "pinned",
+        "lag_p50_ms",
+        "lag_p99_ms",
+        "lag_max_ms",
+        "resyncs",
+        "steps_per_s_per_instance",
+        "sim_cpu_util_per_instance",
+        "sim_cpu_us_per_token",
+        "client_tokens_per_s",
+        "client_gap_p50_ms",
+        "sim_itl_mean_ms",
+        "client_errors",
+    ]
+    lines = [
+        "# vllmsim speed benchmark",
+        "",
+        f"Simulator flags: `{args.sim_flags}` "
+        "(defaults = 8B/H100 calibration, time scale 1). Load average before/after: "
+        f"{meta['loadavg_before']} / {meta['loadavg_after']} (shared machine).",
+        "",
+        "Lag = wall time between an engine step's planned end and its actual completion "
+        "(p50/p99/max over the measured window). Resyncs = steps that were more than 100 ms "
+        "late (the engine then re-anchors its clock). A simulator that cannot keep up shows "
+        "a lag that grows without bound and CPU use pinned at 1.0; one that keeps up but "
+        "waits for a CPU now and then (other processes on a shared machine) shows a small "
+        "median with a tail. `sim_cpu_util` is the fraction of one core the simulator "
+        "process used, `sim_cpu_us_per_token` its CPU time (engine + HTTP + SSE) per "
+        "generated token.",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     for r in results:
         lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    (RESULTS / "vllmsim.md").write_text("\n".join(lines) + "\n")
+    write_results("vllmsim", {"meta": meta, "results": results}, "\n".join(lines))
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     extra = args.sim_flags.split()
     results = []
     if args.scenario in ("a", "both"):
-        results.append(await scenario("A: 1 instance pinned to CPU 0, loadgen on CPU 1", 1, args.streams, args.duration,
-                                      True, extra))
+        results.append(
+            await scenario(
+                "A: 1 instance pinned to CPU 0, loadgen on CPU 1",
+                1,
+                args.streams,
+                args.duration,
+                True,
+                extra,
+            )
+        )
     if args.scenario in ("b", "both"):
-        results.append(await scenario("B: 4 instances + loadgen, 2 shared cores", 4,
-                                      args.streams, args.duration, False, extra))
+        results.append(
+            await scenario(
+                "B: 4 instances + loadgen, 2 shared cores",
+                4,
+                args.streams,
+                args.duration,
+                False,
+                extra,
+            )
+        )
     return results
 
 
@@ -218,7 +274,7 @@ def main() -> None:
     args = ap.parse_args()
     args.loadavg_before = list(os.getloadavg())
     results = asyncio.run(main_async(args))
-    write_results(results, args)
+    write_report(results, args)
     print(json.dumps(results, indent=2))
 
 

@@ -68,11 +68,15 @@ def envoy_round_robin_config(
                 if "http_filters" in hcm:
                     # The Lua filter only acts on the service's pick: gone with ext_proc.
                     hcm["http_filters"] = [
-                        h for h in hcm["http_filters"] if h["name"] not in (EXT_PROC_FILTER, LUA_FILTER)
+                        h
+                        for h in hcm["http_filters"]
+                        if h["name"] not in (EXT_PROC_FILTER, LUA_FILTER)
                     ]
                     # ...and so is the fail-closed local reply for ext_proc errors.
                     mappers = hcm.get("local_reply_config", {}).get("mappers", [])
-                    mappers[:] = [m for m in mappers if "ext_proc" not in yaml.safe_dump(m.get("filter", {}))]
+                    mappers[:] = [
+                        m for m in mappers if "ext_proc" not in yaml.safe_dump(m.get("filter", {}))
+                    ]
                     # per-route overrides of the removed filter (body mode, tuning metadata)
                     for vhost in hcm.get("route_config", {}).get("virtual_hosts", []):
                         for obj in [vhost, *vhost.get("routes", [])]:
@@ -195,8 +199,16 @@ def start_vllm_router(
 ) -> Proc:
     """``vllm-router`` on 127.0.0.1:port."""
     return _start_rust_router(
-        "vllm-router", [_vllm_router_exe()], "warning", port=port, prometheus_port=prometheus_port,
-        worker_urls=worker_urls, policy=policy, log_dir=log_dir, timeout=timeout, lifetime=lifetime,
+        "vllm-router",
+        [_vllm_router_exe()],
+        "warning",
+        port=port,
+        prometheus_port=prometheus_port,
+        worker_urls=worker_urls,
+        policy=policy,
+        log_dir=log_dir,
+        timeout=timeout,
+        lifetime=lifetime,
     )
 
 
@@ -212,9 +224,16 @@ def start_sglang_router(
 ) -> Proc:
     """``python -m sglang_router.launch_router`` on 127.0.0.1:port."""
     return _start_rust_router(
-        "sglang-router", [sys.executable, "-m", "sglang_router.launch_router"], "warn", port=port,
-        prometheus_port=prometheus_port, worker_urls=worker_urls, policy=policy, log_dir=log_dir,
-        timeout=timeout, lifetime=lifetime,
+        "sglang-router",
+        [sys.executable, "-m", "sglang_router.launch_router"],
+        "warn",
+        port=port,
+        prometheus_port=prometheus_port,
+        worker_urls=worker_urls,
+        policy=policy,
+        log_dir=log_dir,
+        timeout=timeout,
+        lifetime=lifetime,
     )
 
 

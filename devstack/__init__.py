@@ -1,7 +1,8 @@
 """Local stack launcher: real vLLM simulators, the ext_proc service and Envoy on loopback.
 
 Used by ``make run`` (``python -m devstack``), the integration tests and the benchmarks
-(bench/bench_overhead.py, bench/bench_routing.py). Everything binds 127.0.0.1 only.
+(bench/bench_routing.py, bench/bench_faults.py, bench/bench_soak.py). Everything binds
+127.0.0.1 only.
 
 Whole stack
 -----------
@@ -23,6 +24,10 @@ Whole stack
         stack.sim_endpoints  # ["127.0.0.1:<p>", ...]  (the form of the x-routed-endpoint header)
         stack.sims, stack.service, stack.envoy   # Proc objects (stop one to inject a failure)
         stack.log_tails()    # last lines of every log, for failure reports
+        stack.wait_metrics_fresh()  # until the service has fresh metrics of every simulator
+
+``Stack(..., sims_only=True)`` starts the simulators alone, for routers that bring their own
+front (the benchmarks' Envoy round-robin and Rust routers).
 
 Faults and scale-out (bench/bench_faults.py, bench/bench_soak.py): ``standby_backends=N`` declares N
 more simulators to the service and to Envoy without starting them (start one mid-run to scale

@@ -382,4 +382,3 @@ def listener_ports(config: dict[str, Any]) -> list[int]:
         int(lst["address"]["socket_address"]["port_value"])
         for lst in config.get("static_resources", {}).get("listeners", [])
     ]
-

@@ -257,8 +257,14 @@ class Proc:
             return "unknown"
         code = stat.rpartition(")")[2].split()[0:1]
         return {
-            "R": "running", "S": "sleeping", "D": "disk-wait", "T": "stopped", "t": "stopped",
-            "Z": "zombie", "X": "dead", "I": "idle",
+            "R": "running",
+            "S": "sleeping",
+            "D": "disk-wait",
+            "T": "stopped",
+            "t": "stopped",
+            "Z": "zombie",
+            "X": "dead",
+            "I": "idle",
         }.get(code[0] if code else "", "unknown")
 
     def exit_description(self) -> str:

@@ -9,6 +9,8 @@ because of a child: only Ctrl-C/SIGTERM do.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from devstack.processes import (
     describe_exit,
     free_port,
     http_get,
+    poll_until,
     start_envoy,
     start_extproc,
     start_vllmsim,
@@ -80,6 +83,9 @@ class Stack:
     # Envoy config to render instead of envoy/envoy.yaml, e.g. envoy/gie-reference.yaml or
     # envoy/istio-style.yaml (the gateways' own styles; only addresses are rewritten).
     envoy_template: Path | None = None
+    # Start the simulators only (no service, no Envoy): for routers that bring their own front
+    # (the benchmarks' Envoy round-robin and Rust routers). url/admin_url are then unavailable.
+    sims_only: bool = False
 
     # Filled by start().
     sims: list[Proc] = field(default_factory=list, init=False)
@@ -179,12 +185,16 @@ class Stack:
 
     # ----------------------------------------------------------------- lifecycle
     def _pick_ports(self) -> None:
-        fixed: dict[str, int | None] = {
-            "grpc": self.grpc_port,
-            "service_admin": self.service_admin_port,
-            "envoy": self.envoy_port,
-            "envoy_admin": self.envoy_admin_port,
-        }
+        fixed: dict[str, int | None] = (
+            {}
+            if self.sims_only
+            else {
+                "grpc": self.grpc_port,
+                "service_admin": self.service_admin_port,
+                "envoy": self.envoy_port,
+                "envoy_admin": self.envoy_admin_port,
+            }
+        )
         if self.direct_listener:
             fixed["direct"] = self.direct_port
         if self.sim_ports is not None and len(self.sim_ports) not in (
@@ -199,7 +209,9 @@ class Stack:
             fixed[f"grpc{j}"], fixed[f"service_admin{j}"] = pinned
         for i in range(self.n_backends + self.standby_backends):
             pinned_sim = (
-                self.sim_ports[i] if self.sim_ports is not None and i < len(self.sim_ports) else None
+                self.sim_ports[i]
+                if self.sim_ports is not None and i < len(self.sim_ports)
+                else None
             )
             fixed[f"sim{i}"] = pinned_sim
         chosen: dict[str, int] = {}
@@ -225,7 +237,9 @@ class Stack:
         if self.n_backends < 1:
             raise ValueError("n_backends must be >= 1")
         if self.extproc_tls not in ("", "self-signed", "files"):
-            raise ValueError(f"extproc_tls must be '', 'self-signed' or 'files', not {self.extproc_tls!r}")
+            raise ValueError(
+                f"extproc_tls must be '', 'self-signed' or 'files', not {self.extproc_tls!r}"
+            )
         if self.extproc_tls == "files":  # a fresh pair per start; restarted services reuse it
             from extproc.tls import self_signed, write_pair
 
@@ -251,11 +265,19 @@ class Stack:
         # Launch all simulators first, then wait: they boot in parallel.
         for i, port in enumerate(self._sim_ports()):
             self.sims.append(
-                start_vllmsim(port, host=self.sim_host(i), args=self._sim_extra_args(i), log_dir=log_dir, wait=False)
+                start_vllmsim(
+                    port,
+                    host=self.sim_host(i),
+                    args=self._sim_extra_args(i),
+                    log_dir=log_dir,
+                    wait=False,
+                )
             )
         self.standby = [None] * self.standby_backends
         for sim in self.sims:
             sim.wait_ready(self.start_timeout)
+        if self.sims_only:
+            return
 
         # Replicas boot in parallel too.
         self.services = [self._launch_service(j) for j in range(self.service_replicas)]
@@ -329,8 +351,12 @@ class Stack:
             raise RuntimeError(f"{old.name} is still running; stop it first")
         port = self._all_sim_ports()[i]
         proc = start_vllmsim(
-            port, host=self.sim_host(i), args=[*self._sim_extra_args(i), *extra_args], log_dir=Path(self.log_dir),
-            timeout=self.start_timeout, wait=False,
+            port,
+            host=self.sim_host(i),
+            args=[*self._sim_extra_args(i), *extra_args],
+            log_dir=Path(self.log_dir),
+            timeout=self.start_timeout,
+            wait=False,
         )
         if i < self.n_backends:
             self.sims[i] = proc
@@ -363,6 +389,33 @@ class Stack:
         self.standby = []
         self.services = []
         self.envoy = None
+
+    def wait_metrics_fresh(self, timeout: float = 20.0) -> None:
+        """Poll every service replica's /backends until each running simulator has fresh
+        metrics there (what a long-running service has; benchmarks wait for it before load)."""
+        running = {e for i, e in enumerate(self.all_sim_endpoints) if self.sim_proc(i) is not None}
+        admins = [self.service_admin_url(j) for j, p in enumerate(self.services) if p is not None]
+
+        def fresh() -> bool:
+            for admin in admins:
+                status, body = http_get(f"{admin}/backends", timeout=1.0)
+                if status != 200:
+                    return False
+                have = {
+                    b["endpoint"]
+                    for b in json.loads(body).get("backends", [])
+                    if b.get("freshness") == "fresh"
+                }
+                if not running <= have:
+                    return False
+            return True
+
+        poll_until(
+            fresh,
+            timeout=timeout,
+            what="fresh metrics of every running simulator",
+            proc=self.service,
+        )
 
     def dead(self) -> list[Proc]:
         """Processes of this stack that have exited."""
@@ -463,8 +516,12 @@ class Supervisor:
                     tail = proc.log_tail(5).strip()
                     self._emit(
                         f"{w.label} ({proc.name}, pid {proc.pid}) {describe_exit(proc.returncode)}"
-                        + (f"; last log lines ({proc.log_path}):\n    " + tail.replace("\n", "\n    ")
-                           if tail else "")
+                        + (
+                            f"; last log lines ({proc.log_path}):\n    "
+                            + tail.replace("\n", "\n    ")
+                            if tail
+                            else ""
+                        )
                     )
                     self._maybe_restart(w, proc)
                     self._emit("still running: " + (", ".join(self._alive_labels()) or "nothing"))
@@ -477,8 +534,9 @@ class Supervisor:
             if ok:
                 if w.reported_hung:
                     down = now - (w.failing_since or now)
-                    self._emit(f"{w.label} ({proc.name}) answers {w.health_url} again "
-                               f"(after {down:.1f} s)")
+                    self._emit(
+                        f"{w.label} ({proc.name}) answers {w.health_url} again (after {down:.1f} s)"
+                    )
                 w.failing_since = None
                 w.reported_hung = False
                 continue
@@ -499,12 +557,16 @@ class Supervisor:
         now = self.clock()
         w.restarts = [t for t in w.restarts if now - t < self.restart_window]
         if len(w.restarts) >= self.max_restarts:
-            self._emit(f"{w.label} died {len(w.restarts)} times within {self.restart_window:.0f} s; "
-                       "not restarting it again")
+            self._emit(
+                f"{w.label} died {len(w.restarts)} times within {self.restart_window:.0f} s; "
+                "not restarting it again"
+            )
             return
         w.restarts.append(now)
-        self._emit(f"restarting {w.label} (automatic restart {len(w.restarts)}/{self.max_restarts}"
-                   f" per {self.restart_window:.0f} s) ...")
+        self._emit(
+            f"restarting {w.label} (automatic restart {len(w.restarts)}/{self.max_restarts}"
+            f" per {self.restart_window:.0f} s) ..."
+        )
         try:
             proc = w.restart()
         except Exception as exc:  # noqa: BLE001 - a failed restart must not stop the stack
@@ -515,31 +577,43 @@ class Supervisor:
         self._emit(f"{w.label} restarted ({proc.name}, pid {proc.pid})")
 
 
-def stack_watches(stack: Stack, *, restart_service: bool = True,
-                  restart_envoy: bool = True) -> list[Watch]:
+def _service_replica(stack: Stack, j: int) -> Proc | None:
+    return stack.services[j] if j < len(stack.services) else None
+
+
+def stack_watches(
+    stack: Stack, *, restart_service: bool = True, restart_envoy: bool = True
+) -> list[Watch]:
     """Watches for every process of a started stack (simulators are never restarted: their
     death is the failure the service is built to route around)."""
     watches: list[Watch] = []
     ports = stack._all_sim_ports()
     for i, port in enumerate(ports):
         kind = "vLLM simulator" if i < stack.n_backends else "standby vLLM simulator"
-        watches.append(Watch(
-            label=f"{kind} {i + 1}",
-            get=lambda i=i: stack.sim_proc(i),
-            health_url=f"http://127.0.0.1:{port}/health",
-        ))
+        watches.append(
+            Watch(
+                label=f"{kind} {i + 1}",
+                get=functools.partial(stack.sim_proc, i),
+                health_url=f"http://127.0.0.1:{port}/health",
+            )
+        )
     for j in range(stack.service_replicas):
-        watches.append(Watch(
-            label="service" if stack.service_replicas == 1 else f"service replica {j + 1}",
-            get=lambda j=j: stack.services[j] if j < len(stack.services) else None,
-            health_url=f"{stack.service_admin_url(j)}/healthz",
-            restart=(lambda j=j: stack.start_service(j)) if restart_service else None,
-        ))
-    watches.append(Watch(
-        label="Envoy",
-        get=lambda: stack.envoy,
-        health_url=f"{stack.envoy_admin_url}/ready",
-        restart=(lambda: stack.start_envoy_again().wait_ready(stack.start_timeout))
-        if restart_envoy else None,
-    ))
+        watches.append(
+            Watch(
+                label="service" if stack.service_replicas == 1 else f"service replica {j + 1}",
+                get=functools.partial(_service_replica, stack, j),
+                health_url=f"{stack.service_admin_url(j)}/healthz",
+                restart=functools.partial(stack.start_service, j) if restart_service else None,
+            )
+        )
+    watches.append(
+        Watch(
+            label="Envoy",
+            get=lambda: stack.envoy,
+            health_url=f"{stack.envoy_admin_url}/ready",
+            restart=(lambda: stack.start_envoy_again().wait_ready(stack.start_timeout))
+            if restart_envoy
+            else None,
+        )
+    )
     return watches

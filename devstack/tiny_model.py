@@ -76,8 +76,15 @@ CORPUS = [
 
 def spec_digest() -> str:
     blob = json.dumps(
-        {"model": MODEL_SPEC, "vocab": TOKENIZER_VOCAB, "seed": SEED, "special": SPECIAL,
-         "template": CHAT_TEMPLATE, "corpus": CORPUS, "version": 1},
+        {
+            "model": MODEL_SPEC,
+            "vocab": TOKENIZER_VOCAB,
+            "seed": SEED,
+            "special": SPECIAL,
+            "template": CHAT_TEMPLATE,
+            "corpus": CORPUS,
+            "version": 1,
+        },
         sort_keys=True,
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -145,7 +152,7 @@ def build(out: Path = DEFAULT_OUT, *, force: bool = False, quiet: bool = False) 
         **{k: v for k, v in MODEL_SPEC.items() if k != "torch_dtype"},
     )
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model = LlamaForCausalLM(cfg).to(torch.float32)  # type: ignore[arg-type]  # transformers' stub wants a model
     params = sum(p.numel() for p in model.parameters())
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,8 +161,11 @@ def build(out: Path = DEFAULT_OUT, *, force: bool = False, quiet: bool = False) 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SPEC_FILE).write_text(
-            json.dumps({"digest": spec_digest(), "vocab_size": vocab, "params": params,
-                        **MODEL_SPEC}, indent=2) + "\n",
+            json.dumps(
+                {"digest": spec_digest(), "vocab_size": vocab, "params": params, **MODEL_SPEC},
+                indent=2,
+            )
+            + "\n",
             encoding="utf-8",
         )
         if out.exists():
@@ -165,8 +175,10 @@ def build(out: Path = DEFAULT_OUT, *, force: bool = False, quiet: bool = False) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not quiet:
-        print(f"tiny model: built in {time.monotonic() - t0:.1f} s -> {out} "
-              f"(vocab {vocab}, {params:,} params)")
+        print(
+            f"tiny model: built in {time.monotonic() - t0:.1f} s -> {out} "
+            f"(vocab {vocab}, {params:,} params)"
+        )
     return out
 
 

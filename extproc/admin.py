@@ -44,21 +44,34 @@ def backends_json(registry: BackendRegistry) -> dict[str, object]:
                 "lora_running": list(m.lora_running) if m else [],
             }
         )
-    return {"cold": snap.cold, "all_unhealthy": snap.all_unhealthy, "built_at": snap.built_at, "backends": out}
+    return {
+        "cold": snap.cold,
+        "all_unhealthy": snap.all_unhealthy,
+        "built_at": snap.built_at,
+        "backends": out,
+    }
 
 
-def build_admin_app(registry: BackendRegistry, metrics: Metrics, settings: Settings) -> web.Application:
+def build_admin_app(
+    registry: BackendRegistry, metrics: Metrics, settings: Settings
+) -> web.Application:
     async def metrics_handler(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "backends": len(registry.records)})
 
     async def backends(_: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(backends_json(registry)), content_type="application/json")
+        return web.Response(
+            body=orjson.dumps(backends_json(registry)), content_type="application/json"
+        )
 
     async def settings_handler(_: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(settings.model_dump()), content_type="application/json")
+        return web.Response(
+            body=orjson.dumps(settings.model_dump()), content_type="application/json"
+        )
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler)

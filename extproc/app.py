@@ -21,21 +21,23 @@ from aiohttp import web
 
 from extproc.admin import build_admin_app, split_address
 from extproc.backends import BackendRegistry
-from extproc.config import Settings
+from extproc.config import ConfigError, Settings
 from extproc.discovery import Discovery, normalize_static
 from extproc.gie_metrics import PoolCollector, pool_name
 from extproc.grpc_server import build_server, set_serving
 from extproc.health_port import build_health_server
+from extproc.kv_prefix import PrefixSource
 from extproc.observability import Metrics
 from extproc.prefix_index import PrefixIndex
 from extproc.processor import Processor
-from extproc.route_settings import RouteSettings, parse_weights
+from extproc.route_settings import RouteSettings
 from extproc.scraper import Scraper
 from extproc.strategies import FALLBACKS
 from extproc.tls import server_credentials
 
 if TYPE_CHECKING:
     from extproc.k8s_discovery import K8sDiscovery
+    from extproc.kv_subscriber import KvEventSubscriptions
 
 log = logging.getLogger("extproc")
 
@@ -80,13 +82,15 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             stop.set()  # a second SIGTERM: stop now
         drain.set()
 
-    for sig, handler in ((signal.SIGINT, stop.set), (signal.SIGTERM, on_sigterm)):
+    for sig, on_signal in ((signal.SIGINT, stop.set), (signal.SIGTERM, on_sigterm)):
         try:
-            loop.add_signal_handler(sig, handler)
+            loop.add_signal_handler(sig, on_signal)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
 
-    registry = BackendRegistry(stale_after=settings.stale_after, max_metrics_age=settings.max_metrics_age)
+    registry = BackendRegistry(
+        stale_after=settings.stale_after, max_metrics_age=settings.max_metrics_age
+    )
     metrics = Metrics()
     metrics.attach_backends(registry)
     metrics.registry.register(PoolCollector(registry, pool_name(settings)))  # GIE inference_pool_*
@@ -100,18 +104,17 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         max_bytes=settings.max_scrape_bytes,
     )
     prefix_index = PrefixIndex()
+    prefix_source, kv_subscriptions = _exact_prefix(settings, prefix_index, registry, metrics)
     processor = Processor(
         registry,
         default_strategy=settings.strategy,
         fallback=FALLBACKS[settings.fallback],
         metrics=metrics,
         expose_routing_headers=settings.expose_routing_headers,
-        prefix_index=prefix_index,
+        prefix_source=prefix_source,
         max_body_bytes=settings.max_body_bytes,
         default_route=RouteSettings(
-            weights=parse_weights(settings.weights),
-            prefix_guard_abs=settings.prefix_guard_abs,
-            prefix_guard_rel=settings.prefix_guard_rel,
+            profiles=settings.profile_table(),
             shed_queue_depth=settings.shed_queue_depth or None,
         ),
         fallback_endpoints=settings.fallback_endpoints,
@@ -120,7 +123,9 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     )
     # TLS material is checked here, before anything listens: a bad file is a config error.
     credentials = server_credentials(settings)
-    server, health_servicer, handler = build_server(processor, registry, settings.grpc_address, credentials)
+    server, health_servicer, handler = build_server(
+        processor, registry, settings.grpc_address, credentials
+    )
     # The same servicer on the plaintext health port: both ports always say the same.
     health_server = None
     if settings.grpc_health_address:
@@ -139,11 +144,22 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         for r in removed:
             metrics.forget_backend(r.endpoint)
         if added or removed:
-            log.info("backends: +%s -%s (now %d)", [r.endpoint for r in added], [r.endpoint for r in removed], len(urls))
+            log.info(
+                "backends: +%s -%s (now %d)",
+                [r.endpoint for r in added],
+                [r.endpoint for r in removed],
+                len(urls),
+            )
         if not urls:
-            log.warning("the backend pool is empty: %s", "answering 503" if settings.empty_pool == "reject"
-                        else "letting Envoy's fallback policy choose")
+            log.warning(
+                "the backend pool is empty: %s",
+                "answering 503"
+                if settings.empty_pool == "reject"
+                else "letting Envoy's fallback policy choose",
+            )
         scraper.sync()
+        if kv_subscriptions is not None:
+            kv_subscriptions.sync(r.endpoint for r in registry.records)
         health.pool_size = len(urls)
         schedule_health()
 
@@ -156,8 +172,12 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     else:
         static = await normalize_static(settings.backend, settings.address_family)
         discovery = Discovery(
-            static, settings.backends_dns, on_backends, refresh=settings.dns_refresh,
-            family=settings.address_family, on_error=metrics.task_error,
+            static,
+            settings.backends_dns,
+            on_backends,
+            refresh=settings.dns_refresh,
+            family=settings.address_family,
+            on_error=metrics.task_error,
         )
 
     async def ready_when_synced() -> None:
@@ -167,7 +187,9 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
 
     await scraper.start()
     await discovery.start()
-    health.synced = discovery.synced.is_set()  # static/DNS: at once; Kubernetes: after its first list
+    health.synced = (
+        discovery.synced.is_set()
+    )  # static/DNS: at once; Kubernetes: after its first list
     if not health.synced:
         synced_waiter = asyncio.ensure_future(ready_when_synced())
         background.add(synced_waiter)
@@ -188,14 +210,21 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     await web.TCPSite(runner, host, port).start()
     log.info(
         "serving ext_proc on %s, admin on %s, strategy %s, %d backend(s)",
-        settings.grpc_address, settings.admin_address, settings.strategy, len(registry.records),
+        settings.grpc_address,
+        settings.admin_address,
+        settings.strategy,
+        len(registry.records),
     )
     try:
         await _first(stop, drain)
         if drain.is_set() and not stop.is_set():
             health.draining = True
             await health.publish()
-            log.info("SIGTERM: draining for %.1f s (%d open streams)", settings.drain_seconds, handler.open_streams)
+            log.info(
+                "SIGTERM: draining for %.1f s (%d open streams)",
+                settings.drain_seconds,
+                handler.open_streams,
+            )
             try:
                 await asyncio.wait_for(stop.wait(), timeout=settings.drain_seconds)
             except TimeoutError:
@@ -208,7 +237,11 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         grace = settings.stop_grace if drain.is_set() else min(settings.stop_grace, 2.0)
         log.info("shutting down (%d open streams, up to %.1f s grace)", handler.open_streams, grace)
         deadline = loop.time() + grace
-        while handler.open_streams and loop.time() < deadline and not (drain.is_set() and stop.is_set()):
+        while (
+            handler.open_streams
+            and loop.time() < deadline
+            and not (drain.is_set() and stop.is_set())
+        ):
             await asyncio.sleep(0.05)
         ended = handler.close_open_streams()
         if ended:
@@ -219,8 +252,69 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         await runner.cleanup()
         await discovery.stop()
         await scraper.stop()
+        if kv_subscriptions is not None:
+            await kv_subscriptions.stop()
         for task in list(background):
             task.cancel()
+
+
+def _exact_prefix(
+    settings: Settings, prefix_index: PrefixIndex, registry: BackendRegistry, metrics: Metrics
+) -> tuple[PrefixSource, KvEventSubscriptions | None]:
+    """The prefix source: exact from KV events (+ tokenizers) when configured, else approximate."""
+    if not (settings.kv_events_port or settings.kv_events_endpoint or settings.tokenizer):
+        return PrefixSource(prefix_index), None
+    from extproc.kv_index import KvIndex
+    from extproc.kv_metrics import KvMetrics
+    from extproc.kv_subscriber import KvEventSubscriptions, parse_endpoint_map
+    from extproc.tokenizer import TokenizerError, load_tokenizers
+
+    tokenizers = None
+    if settings.tokenizer:
+        try:
+            tokenizers = load_tokenizers(settings.tokenizer, max_chars=settings.tokenize_max_chars)
+        except TokenizerError as exc:
+            raise ConfigError(str(exc)) from None
+    kv_metrics = KvMetrics(metrics.registry)
+    subscriptions = None
+    kv = None
+    if settings.kv_events_port or settings.kv_events_endpoint:
+        kv = KvIndex(max_blocks=settings.kv_events_max_blocks)
+        kv_metrics.attach_index(kv)
+        subscriptions = KvEventSubscriptions(
+            kv,
+            kv_metrics,
+            port=settings.kv_events_port,
+            endpoints=parse_endpoint_map(settings.kv_events_endpoint),
+            on_error=metrics.task_error,
+        )
+        if tokenizers is None:
+            log.warning(
+                "KV events without --tokenizer: prompts cannot be matched against them; "
+                "routing stays on the approximate prefix index"
+            )
+    else:
+        log.warning(
+            "--tokenizer without --kv-events-port/--kv-events-endpoint: nothing to match prompts "
+            "against; routing stays on the approximate prefix index"
+        )
+
+    def adapter_endpoints(model: str) -> frozenset[str]:
+        pool = registry.snapshot().model_pools.get(model)
+        return (
+            frozenset(b.endpoint for b in pool.members if model in b.adapters)
+            if pool
+            else frozenset()
+        )
+
+    source = PrefixSource(
+        prefix_index,
+        kv=kv,
+        tokenizers=tokenizers,
+        metrics=kv_metrics,
+        adapter_endpoints=adapter_endpoints,
+    )
+    return source, subscriptions
 
 
 async def _first(*events: asyncio.Event) -> None:

@@ -109,8 +109,11 @@ class BackendRegistry:
         self._clock = clock
         self._records: dict[str, BackendRecord] = {}  # by URL
         self._ordered: list[BackendRecord] = []
-        self._by_endpoint: dict[str, int] = {}  # ip:port -> slot (the served endpoint Envoy reports)
+        self._by_endpoint: dict[
+            str, int
+        ] = {}  # ip:port -> slot (the served endpoint Envoy reports)
         self._pending: list[int] = []
+        self._active: set[int] = set()  # slots whose pending count is not 0
         self._base = Snapshot()
 
     # -- membership ---------------------------------------------------------------
@@ -125,7 +128,9 @@ class BackendRegistry:
                 endpoints.add(ep)
                 wanted.append(u)
         keep = set(wanted)
-        added = [BackendRecord(url=u, endpoint=endpoint_of(u)) for u in wanted if u not in self._records]
+        added = [
+            BackendRecord(url=u, endpoint=endpoint_of(u)) for u in wanted if u not in self._records
+        ]
         removed = [r for u, r in self._records.items() if u not in keep]
         for r in added:
             self._records[r.url] = r
@@ -137,6 +142,7 @@ class BackendRegistry:
             r.slot = i
         self._by_endpoint = {r.endpoint: i for i, r in enumerate(self._ordered)}
         self._pending = [r.pending for r in self._ordered]
+        self._active = {i for i, x in enumerate(self._pending) if x}
         self.rebuild()
         return added, removed
 
@@ -154,7 +160,9 @@ class BackendRegistry:
         record.generation += 1
         return record.generation
 
-    def record_success(self, record: BackendRecord, metrics: VllmMetrics, started_generation: int) -> None:
+    def record_success(
+        self, record: BackendRecord, metrics: VllmMetrics, started_generation: int
+    ) -> None:
         now = self._clock()
         # Transitions that change eligibility are published at once, not at the next tick.
         newcomer, was_suspect = record.last_ok is None, record.suspect
@@ -174,7 +182,9 @@ class BackendRegistry:
         if newcomer or was_suspect != record.suspect:
             self.rebuild()  # newcomer, cold start or recovery: visible without waiting a tick
 
-    def record_failure(self, record: BackendRecord, error: str, *, timeout: bool, down: bool = False) -> None:
+    def record_failure(
+        self, record: BackendRecord, error: str, *, timeout: bool, down: bool = False
+    ) -> None:
         """``timeout``: no answer in time (slow or hung). ``down``: refused or no connection."""
         record.last_error = error
         was = (record.healthy, record.overloaded, record.suspect)
@@ -187,7 +197,9 @@ class BackendRegistry:
         if (record.healthy, record.overloaded, record.suspect) != was:
             self.rebuild()  # suspect/unhealthy/overloaded: stop routing on the old view now
 
-    def record_models(self, record: BackendRecord, ids: frozenset[str], adapters: frozenset[str]) -> None:
+    def record_models(
+        self, record: BackendRecord, ids: frozenset[str], adapters: frozenset[str]
+    ) -> None:
         if (ids, adapters) != (record.served_models, record.adapters):
             record.served_models, record.adapters = ids, adapters
             self.rebuild()  # model pools changed: route by the new ones at once
@@ -214,7 +226,11 @@ class BackendRegistry:
             record.token_rate = (tokens - first.tokens) / span
         # Recent TTFT = delta sum / delta count over the window; else the lifetime mean.
         if m.ttft_sum is not None and m.ttft_count:
-            if first.ttft_count is not None and first.ttft_sum is not None and m.ttft_count > first.ttft_count:
+            if (
+                first.ttft_count is not None
+                and first.ttft_sum is not None
+                and m.ttft_count > first.ttft_count
+            ):
                 record.ttft = (m.ttft_sum - first.ttft_sum) / (m.ttft_count - first.ttft_count)
             elif record.ttft is None:
                 record.ttft = m.ttft_sum / m.ttft_count
@@ -229,6 +245,7 @@ class BackendRegistry:
         r.pending += 1
         r.inflight += 1
         self._pending[index] = r.pending
+        self._active.add(index)
         return PickToken(r, g)
 
     def on_done(self, token: PickToken) -> None:
@@ -246,6 +263,10 @@ class BackendRegistry:
     def _sync_pending(self, r: BackendRecord) -> None:
         if 0 <= r.slot < len(self._pending):
             self._pending[r.slot] = r.pending
+            if r.pending:
+                self._active.add(r.slot)
+            else:
+                self._active.discard(r.slot)
 
     # -- snapshots -------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
@@ -253,7 +274,8 @@ class BackendRegistry:
         base = self._base
         if len(base.backends) != len(self._pending):
             return base
-        return base.with_pending(tuple(self._pending))
+        # The few slots with requests in flight: scorers correct only those (fast at 1,000).
+        return base.with_pending(tuple(self._pending), tuple(self._active))
 
     def rebuild_view(self) -> Snapshot:
         """A fresh snapshot for observers (admin, metrics) without replacing the live one."""
@@ -265,7 +287,9 @@ class BackendRegistry:
         return self._base
 
 
-def _freshness(record: BackendRecord, now: float, stale_after: float, max_age: float) -> tuple[Freshness, float | None]:
+def _freshness(
+    record: BackendRecord, now: float, stale_after: float, max_age: float
+) -> tuple[Freshness, float | None]:
     if record.last_ok is None or record.metrics is None:
         return Freshness.UNKNOWN, None
     age = now - record.last_ok
@@ -291,7 +315,13 @@ def _measured(record: BackendRecord) -> dict[str, float | None]:
     }
 
 
-def build_snapshot(records: list[BackendRecord], now: float, stale_after: float, max_age: float) -> Snapshot:
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def build_snapshot(
+    records: list[BackendRecord], now: float, stale_after: float, max_age: float
+) -> Snapshot:
     """Pure: records + clock -> snapshot, with priors for what is not known.
 
     Prior for an unknown backend (or a missing field): the median over fresh backends
@@ -301,7 +331,9 @@ def build_snapshot(records: list[BackendRecord], now: float, stale_after: float,
     among them survives (an unknown suspect then gets the maximum of what is known).
     """
     states = [_freshness(r, now, stale_after, max_age) for r in records]
-    values = [_measured(r) if st[0] is not Freshness.UNKNOWN else None for r, st in zip(records, states)]
+    values = [
+        _measured(r) if st[0] is not Freshness.UNKNOWN else None for r, st in zip(records, states)
+    ]
     fresh = [v for v, st in zip(values, states) if v is not None and st[0] is Freshness.FRESH]
     basis = fresh or [v for v in values if v is not None]
     answering = [v for v, r in zip(values, records) if v is not None and not r.suspect]
@@ -309,25 +341,26 @@ def build_snapshot(records: list[BackendRecord], now: float, stale_after: float,
     worst: dict[str, float] = {}
     worst_answering: dict[str, float] = {}
     for f in _LOAD_FIELDS:
-        xs = [v[f] for v in basis if v[f] is not None]
+        xs = [x for v in basis if (x := v[f]) is not None]
         median[f] = float(statistics.median(xs)) if xs else 0.0
         # For rate, "worst" is the highest load too: a busy server moves many tokens.
         worst[f] = float(max(xs)) if xs else 0.0
-        ys = [v[f] for v in answering if v[f] is not None]
+        ys = [y for v in answering if (y := v[f]) is not None]
         worst_answering[f] = float(max(ys)) if ys else 0.0
-    views = []
-    for i, (r, (fresh_state, age), v) in enumerate(zip(records, states, values)):
+    views: list[BackendView] = []
+    for i, (r, (fresh_state, age), measured) in enumerate(zip(records, states, values)):
         suspect = r.suspect
         prior_src = worst if suspect else median
-        if v is None:
+        filled: dict[str, float]
+        if measured is None:
             filled, prior = dict(prior_src), True
         elif suspect:
             # Its last numbers may look idle (taken before it stalled): never better than the
             # busiest server that still answers.
-            filled = {f: max(v[f] if v[f] is not None else 0.0, worst_answering[f]) for f in _LOAD_FIELDS}
+            filled = {f: max(_or(measured[f], 0.0), worst_answering[f]) for f in _LOAD_FIELDS}
             prior = False
         else:
-            filled = {f: (v[f] if v[f] is not None else prior_src[f]) for f in _LOAD_FIELDS}
+            filled = {f: _or(measured[f], prior_src[f]) for f in _LOAD_FIELDS}
             prior = False
         views.append(
             BackendView(
@@ -347,7 +380,7 @@ def build_snapshot(records: list[BackendRecord], now: float, stale_after: float,
             )
         )
     members: dict[str, list[BackendView]] = {}
-    unknown_models = []
+    unknown_models: list[BackendView] = []
     for v in views:
         if not v.models:
             unknown_models.append(v)

@@ -12,11 +12,13 @@ from typing import Any
 from extproc.config import ConfigError, Settings, load_settings
 from extproc.strategies import STRATEGIES
 
-_REPEATABLE = {"backend", "backends_dns", "k8s_target_port"}
+_REPEATABLE = {"backend", "backends_dns", "k8s_target_port", "kv_events_endpoint", "tokenizer"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="extproc", description="LLM-aware routing for Envoy (ext_proc service).")
+    parser = argparse.ArgumentParser(
+        prog="extproc", description="LLM-aware routing for Envoy (ext_proc service)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",
@@ -25,12 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
         "EXTPROC_<FLAG> (e.g. EXTPROC_STRATEGY) or a YAML file (--config); precedence: "
         "flag > environment > file > default.",
     )
-    serve.add_argument("--config", help="YAML file with settings (keys as the flags, e.g. scrape_interval: 0.2)")
+    serve.add_argument(
+        "--config", help="YAML file with settings (keys as the flags, e.g. scrape_interval: 0.2)"
+    )
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = field.description or ""
         if name == "strategy":
-            help_text += f" One of: {', '.join(STRATEGIES)}."
+            help_text += f" Built in: {', '.join(STRATEGIES)}."
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         if name in _REPEATABLE:
             kwargs["action"] = "append"

@@ -10,14 +10,19 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
-from extproc.strategies import FALLBACKS, STRATEGIES
+from extproc.strategies import FALLBACKS, Profile, ProfileError, load_profiles
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EXTPROC_", extra="forbid")
 
-    grpc_address: str = Field("127.0.0.1:9002", description="host:port the ext_proc gRPC server listens on.")
-    admin_address: str = Field("127.0.0.1:9090", description="host:port of the admin HTTP server (/metrics, /healthz, /backends).")
+    grpc_address: str = Field(
+        "127.0.0.1:9002", description="host:port the ext_proc gRPC server listens on."
+    )
+    admin_address: str = Field(
+        "127.0.0.1:9090",
+        description="host:port of the admin HTTP server (/metrics, /healthz, /backends).",
+    )
     backend: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Backend base URL, e.g. http://127.0.0.1:8001 (repeatable; env: comma-separated).",
@@ -26,7 +31,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="NAME:PORT resolved to all its addresses, re-resolved every --dns-refresh seconds (repeatable).",
     )
-    dns_refresh: float = Field(5.0, gt=0, description="Seconds between DNS re-resolutions for --backends-dns.")
+    dns_refresh: float = Field(
+        5.0, gt=0, description="Seconds between DNS re-resolutions for --backends-dns."
+    )
     address_family: Literal["ipv4", "ipv6", "any"] = Field(
         "ipv4",
         description="Addresses kept from DNS (--backends-dns, host names in --backend). Match the Envoy "
@@ -53,7 +60,9 @@ class Settings(BaseSettings):
         "else the kubeconfig context's, else 'default'.",
     )
     fallback_endpoints: int = Field(
-        3, ge=0, le=16,
+        3,
+        ge=0,
+        le=16,
         description="Next-best servers listed after the pick in x-gateway-destination-endpoint (ip:port,ip:port,...); "
         "Envoy tries them in order when the pick refuses the connection. Use 0 behind an ORIGINAL_DST gateway "
         "(the GIE reference Envoy config): it takes one address, a list is a 503.",
@@ -65,41 +74,67 @@ class Settings(BaseSettings):
         "Either way gRPC health is NOT_SERVING while the pool is empty.",
     )
     drain_seconds: float = Field(
-        5.0, ge=0,
+        5.0,
+        ge=0,
         description="On SIGTERM: gRPC health NOT_SERVING at once, keep answering this long (so Envoy's "
         "health check moves new streams to another replica), then wait for open streams (--stop-grace).",
     )
     stop_grace: float = Field(
-        10.0, ge=0, description="After the drain: seconds open ext_proc streams (running HTTP requests) may take to "
+        10.0,
+        ge=0,
+        description="After the drain: seconds open ext_proc streams (running HTTP requests) may take to "
         "finish; the rest are ended with status OK, which Envoy does not count as a failure.",
     )
     shed_queue_depth: float = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="Answer 429 (with retry-after) when every candidate server reports more than this many "
         "waiting requests; 0 = never shed. Servers without measured metrics never count as full. A route's "
         "x-extproc-shed-queue-depth overrides it.",
     )
-    strategy: str = Field("weighted", description="Default routing strategy.")
-    fallback: Literal["random", "round-robin"] = Field(
-        "random", description="Load-blind strategy used when metrics are missing (cold cache) or a strategy fails."
+    strategy: str = Field(
+        "weighted",
+        description="Default routing strategy: a profile, built in or added by --profiles / --config.",
     )
-    scrape_interval: float = Field(0.1, gt=0, description="Seconds between two /metrics scrapes of one backend.")
+    profiles: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Routing profiles to add or override: a mapping name -> {scorers: {scorer: weight or "
+        "{weight, parameter: value}}, picker: name or {name, parameter: value}, reason: scorer} (README "
+        "'Strategies'). Usually the 'profiles:' key of --config; on the command line as JSON or YAML text.",
+    )
+    fallback: Literal["random", "round-robin"] = Field(
+        "random",
+        description="Load-blind strategy used when metrics are missing (cold cache) or a strategy fails.",
+    )
+    scrape_interval: float = Field(
+        0.1, gt=0, description="Seconds between two /metrics scrapes of one backend."
+    )
     scrape_timeout: float = Field(
-        0.5, gt=0,
+        0.5,
+        gt=0,
         description="Per-scrape timeout in seconds. A timeout makes the backend suspect (treated as saturated, "
         "excluded while another backend is eligible) until a scrape answers again.",
     )
     scrape_connect_timeout: float = Field(
-        0.25, gt=0,
+        0.25,
+        gt=0,
         description="Connect timeout of a scrape (seconds). Not connecting in time, like a refused connection, "
         "means down: the backend is unhealthy at once.",
     )
     max_scrape_bytes: int = Field(
-        4 * 1024 * 1024, gt=0, description="Largest /metrics or /v1/models reply read (bytes); larger is a failed scrape."
+        4 * 1024 * 1024,
+        gt=0,
+        description="Largest /metrics or /v1/models reply read (bytes); larger is a failed scrape.",
     )
-    stale_after: float = Field(1.0, gt=0, description="Metrics older than this (s) are stale: still used, with in-flight added.")
+    stale_after: float = Field(
+        1.0,
+        gt=0,
+        description="Metrics older than this (s) are stale: still used, with in-flight added.",
+    )
     max_metrics_age: float = Field(
-        10.0, gt=0, description="Metrics older than this (s) are unknown: the backend gets a prior instead."
+        10.0,
+        gt=0,
+        description="Metrics older than this (s) are unknown: the backend gets a prior instead.",
     )
     max_body_bytes: int = Field(
         4 * 1024 * 1024,
@@ -108,19 +143,28 @@ class Settings(BaseSettings):
         "per_connection_buffer_limit_bytes at least as large.",
     )
     models_interval: float = Field(
-        5.0, gt=0, description="Seconds between GET /v1/models per backend (model pools and LoRA adapters)."
+        5.0,
+        gt=0,
+        description="Seconds between GET /v1/models per backend (model pools and LoRA adapters).",
     )
     weights: str = Field(
         "queue=2,kv=2,prefix=3,lora=1",
-        description="Weights of the 'weighted' strategy (a route's x-extproc-weights overrides them).",
+        description="Scorer weights of the 'weighted' profile, scorer=weight,... (missing scorers keep theirs; "
+        "applied on top of --profiles when given; a route's x-extproc-weights overrides them).",
     )
     prefix_guard_abs: float = Field(
-        8.0, ge=0, description="prefix-cache load guard: leave the best match when its load exceeds the least "
-        "loaded server's by more than this many requests AND by --prefix-guard-rel times.",
+        8.0,
+        ge=0,
+        description="prefix-cache load guard: leave the best match when its load exceeds the least "
+        "loaded server's by more than this many requests AND by --prefix-guard-rel times (the prefix scorer's "
+        "guard_abs in the 'prefix-cache' profile; applied on top of --profiles when given).",
     )
-    prefix_guard_rel: float = Field(1.5, ge=1.0, description="prefix-cache load guard factor (see --prefix-guard-abs).")
+    prefix_guard_rel: float = Field(
+        1.5, ge=1.0, description="prefix-cache load guard factor (see --prefix-guard-abs)."
+    )
     expose_routing_headers: bool = Field(
-        True, description="Emit the 'extproc' metadata that Envoy turns into x-routing-* response headers."
+        True,
+        description="Emit the 'extproc' metadata that Envoy turns into x-routing-* response headers.",
     )
     grpc_health_address: str = Field(
         "",
@@ -144,21 +188,100 @@ class Settings(BaseSettings):
         description="The 'name' label of the inference_pool_* metrics (Gateway API Inference Extension "
         "dashboards). Empty: the --k8s-inference-pool name if set, else 'default'.",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    kv_events_port: int = Field(
+        0,
+        ge=0,
+        lt=65536,
+        description="Exact prefix-cache state: subscribe to the vLLM KV-event publisher at tcp://<server ip>:PORT "
+        "of every discovered server (vLLM --kv-events-config with endpoint tcp://*:PORT). 0 = off. Needs "
+        "--tokenizer for the model; servers that send nothing keep the approximate prefix index.",
+    )
+    kv_events_endpoint: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="IP:PORT=ZMQ_ENDPOINT: the KV-event publisher of the server at IP:PORT (e.g. "
+        "127.0.0.1:8001=ipc:///tmp/kv1 or tcp://HOST:PORT); overrides --kv-events-port for it (repeatable).",
+    )
+    kv_events_max_blocks: int = Field(
+        100_000,
+        gt=0,
+        description="Largest number of blocks the exact prefix index keeps per server (least recently stored "
+        "dropped first).",
+    )
+    tokenizer: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="MODEL=PATH_OR_NAME: the tokenizer (folder with tokenizer.json and chat template, a "
+        "tokenizer.json, a Hugging Face hub name, or 'vllmsim') used to match prompts against KV events; "
+        "MODEL '*' = every model (repeatable).",
+    )
+    tokenize_max_chars: int = Field(
+        8192,
+        gt=0,
+        description="Most characters of new prompt text tokenized per request for the exact prefix index "
+        "(chat segments seen before, e.g. a shared system prompt or earlier turns, are cached and free); "
+        "the prompt is matched up to there. Bounds the cost per request (~0.3-0.6 us per character).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
 
-    @field_validator("backend", "backends_dns", mode="before")
+    @field_validator("backend", "backends_dns", "kv_events_endpoint", "tokenizer", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
 
-    @field_validator("strategy")
+    @field_validator("kv_events_endpoint")
     @classmethod
-    def _known_strategy(cls, v: str) -> str:
-        if v not in STRATEGIES:
-            raise ValueError(f"unknown strategy {v!r}; valid: {', '.join(STRATEGIES)}")
+    def _kv_endpoints(cls, v: list[str]) -> list[str]:
+        from extproc.kv_subscriber import parse_endpoint_map
+
+        parse_endpoint_map(v)
         return v
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizers(cls, v: list[str]) -> list[str]:
+        from extproc.tokenizer import parse_tokenizer_specs
+
+        parse_tokenizer_specs(v)
+        return v
+
+    @field_validator("profiles", mode="before")
+    @classmethod
+    def _profiles_text(cls, v: Any) -> Any:
+        if isinstance(v, str):  # the command line: JSON or YAML text
+            try:
+                return yaml.safe_load(v) if v.strip() else {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"not JSON/YAML: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _known_strategy(self) -> Settings:
+        try:
+            table = self.profile_table()
+        except ProfileError as exc:
+            raise ValueError(str(exc)) from None
+        if self.strategy not in table:
+            raise ValueError(f"unknown strategy {self.strategy!r}; valid: {', '.join(table)}")
+        return self
+
+    def profile_table(self) -> dict[str, Profile]:
+        """Every profile a request can be routed by: built-ins < --profiles < --weights and
+        --prefix-guard-* (only when set: their defaults are the built-ins' values)."""
+        given = self.model_fields_set
+        guard = {
+            f"guard_{k}": getattr(self, f"prefix_guard_{k}")
+            for k in ("abs", "rel")
+            if f"prefix_guard_{k}" in given
+        }
+        weights = None
+        if "weights" in given:
+            from extproc.route_settings import parse_weights
+
+            weights = parse_weights(self.weights)
+        return load_profiles(self.profiles, weights=weights, prefix_guard=guard or None)
 
     @field_validator("weights")
     @classmethod
@@ -177,7 +300,9 @@ class Settings(BaseSettings):
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         if self.tls_self_signed and self.tls_cert:
-            raise ValueError("--tls-self-signed and --tls-cert/--tls-key exclude each other: pick one")
+            raise ValueError(
+                "--tls-self-signed and --tls-cert/--tls-key exclude each other: pick one"
+            )
         return self
 
     @field_validator("k8s_target_port", mode="before")
@@ -201,21 +326,29 @@ class Settings(BaseSettings):
     def _k8s_name(cls, v: str) -> str:
         # DNS-1123: lower-case alphanumerics and '-' (and '.' in object names).
         if v and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", v):
-            raise ValueError(f"{v!r} is not a Kubernetes name (lower-case letters, digits, '-', '.')")
+            raise ValueError(
+                f"{v!r} is not a Kubernetes name (lower-case letters, digits, '-', '.')"
+            )
         return v
 
     @model_validator(mode="after")
     def _k8s(self) -> Settings:
         if self.k8s_inference_pool and self.k8s_selector:
-            raise ValueError("--k8s-inference-pool and --k8s-selector exclude each other: the pool's "
-                             "spec.selector already names the pods")
+            raise ValueError(
+                "--k8s-inference-pool and --k8s-selector exclude each other: the pool's "
+                "spec.selector already names the pods"
+            )
         if self.k8s_selector and not self.k8s_target_port:
             raise ValueError("--k8s-selector needs --k8s-target-port (the pods' serving port)")
         if self.k8s_target_port and not self.k8s_selector:
-            raise ValueError("--k8s-target-port goes with --k8s-selector (a pool names its ports in "
-                             "spec.targetPorts)")
+            raise ValueError(
+                "--k8s-target-port goes with --k8s-selector (a pool names its ports in "
+                "spec.targetPorts)"
+            )
         if (self.k8s_inference_pool or self.k8s_selector) and (self.backend or self.backends_dns):
-            raise ValueError("Kubernetes discovery (--k8s-*) replaces --backend/--backends-dns: give one or the other")
+            raise ValueError(
+                "Kubernetes discovery (--k8s-*) replaces --backend/--backends-dns: give one or the other"
+            )
         return self
 
 
@@ -239,5 +372,7 @@ def load_settings(cli: dict[str, Any], config_file: str | None = None) -> Settin
     try:
         return Settings(**merged)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()]
+        lines = [
+            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        ]
         raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None

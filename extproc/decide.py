@@ -9,9 +9,11 @@ Order of rules (each gives the ``reason`` reported to Envoy and in metrics):
    A LoRA adapter prefers servers running it or with a free adapter slot.
 3. every candidate unhealthy     -> all of them, reason ``all-unhealthy`` (``cold-cache`` if none
    of them has metrics yet)
-4. a load-aware strategy and no candidate has metrics -> fallback, reason ``cold-cache``
-5. otherwise the strategy ranks the candidates: reason ``metrics`` (or its own finer reason)
-6. the strategy raised           -> fallback, reason ``fallback-error`` (never a dropped request)
+4. a profile whose scorers all need metrics, and no candidate has any -> fallback, reason
+   ``cold-cache``
+5. otherwise the profile scores the candidates and its picker chooses: reason ``metrics``
+   (``cold-cache`` while only priors are known), or the one its reason scorer names
+6. the profile raised            -> fallback, reason ``fallback-error`` (never a dropped request)
 
 Shedding (``--shed-queue-depth``, off by default): when every eligible candidate's scraped
 queue is above the limit -> :class:`Shed` (the service answers 429). A candidate without
@@ -33,7 +35,8 @@ from dataclasses import dataclass
 from heapq import nsmallest
 
 from extproc.snapshot import BackendView, Pool, Snapshot
-from extproc.strategies.base import RequestFacts, Strategy, request_loads
+from extproc.strategies.base import Context, Reason, RequestFacts, request_loads
+from extproc.strategies.profile import Profile
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ FALLBACK_SAMPLE = 16
 class Decision:
     backend: BackendView
     strategy: str
-    reason: str
+    reason: Reason
     fallbacks: tuple[BackendView, ...] = ()
 
     @property
@@ -80,7 +83,11 @@ class Decision:
 
 
 def rank_fallbacks(
-    chosen: BackendView, candidates: Sequence[BackendView], snap: Snapshot, n: int, rng: random.Random
+    chosen: BackendView,
+    candidates: Sequence[BackendView],
+    snap: Snapshot,
+    n: int,
+    rng: random.Random,
 ) -> tuple[BackendView, ...]:
     """Up to ``n`` candidates other than ``chosen``, least loaded first (ties at random)."""
     if n <= 0 or len(candidates) < 2:
@@ -140,8 +147,8 @@ def shed(pool: Pool, depth: float) -> bool:
 
 
 def decide(
-    strategy: Strategy,
-    fallback: Strategy,
+    strategy: Profile,
+    fallback: Profile,
     facts: RequestFacts,
     snap: Snapshot,
     rng: random.Random,
@@ -163,30 +170,28 @@ def decide(
 
 
 def _decide(
-    strategy: Strategy, fallback: Strategy, facts: RequestFacts, snap: Snapshot, pool: Pool, rng: random.Random
+    strategy: Profile,
+    fallback: Profile,
+    facts: RequestFacts,
+    snap: Snapshot,
+    pool: Pool,
+    rng: random.Random,
 ) -> Decision:
     candidates = pool.eligible
     if facts.model is not None and candidates:
         candidates = lora_affine(facts.model, candidates)
     if not candidates:
         raise NoBackends("no backend is configured or discovered")
+    ctx = Context(facts, snap, pool, candidates, rng)
     if strategy.needs_metrics and not pool.eligible_known:
-        return Decision(_one(fallback.choose(facts, snap, candidates, rng)), strategy.name, "cold-cache")
+        return Decision(fallback.choose(ctx)[0], strategy.name, Reason.COLD_CACHE)
     try:
-        chosen = strategy.choose(facts, snap, candidates, rng)
+        backend, reason = strategy.choose(ctx)
     except Exception:
         log.exception("strategy %s failed; routing by fallback %s", strategy.name, fallback.name)
-        return Decision(_one(fallback.choose(facts, snap, candidates, rng)), strategy.name, "fallback-error")
-    if isinstance(chosen, tuple):
-        backend, reason = chosen
-    else:
-        backend, reason = chosen, ("metrics" if strategy.needs_metrics else strategy.name)
+        return Decision(fallback.choose(ctx)[0], strategy.name, Reason.FALLBACK_ERROR)
     if pool.all_unhealthy and pool.eligible_known:
         # Only when something is known: a cold pool whose scrapes all fail (every vLLM still
         # loading) is a cold cache, not an outage.
-        reason = "all-unhealthy"
+        reason = Reason.ALL_UNHEALTHY
     return Decision(backend, strategy.name, reason)
-
-
-def _one(choice: BackendView | tuple[BackendView, str]) -> BackendView:
-    return choice[0] if isinstance(choice, tuple) else choice

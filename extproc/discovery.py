@@ -106,8 +106,13 @@ class Discovery:
             try:
                 self._dns[(name, port)] = await resolve_all(name, port, self.family)
             except OSError as exc:
-                log.warning("DNS lookup of %s:%d failed (%s); keeping %d known backends", name, port, exc,
-                            len(self._dns.get((name, port), [])))
+                log.warning(
+                    "DNS lookup of %s:%d failed (%s); keeping %d known backends",
+                    name,
+                    port,
+                    exc,
+                    len(self._dns.get((name, port), [])),
+                )
         now = self.current()
         if now != self._published:
             self._published = now

@@ -40,23 +40,87 @@ _PAIR_CACHE_MAX = 4096
 # GIE's canonical error codes (pkg/common/error): any other value is reported as "Unknown".
 ERROR_CODES = frozenset(
     {
-        "Unknown", "BadRequest", "Unauthorized", "Forbidden", "NotFound", "Internal",
-        "ServiceUnavailable", "ModelServerError", "ResourceExhausted",
+        "Unknown",
+        "BadRequest",
+        "Unauthorized",
+        "Forbidden",
+        "NotFound",
+        "Internal",
+        "ServiceUnavailable",
+        "ModelServerError",
+        "ResourceExhausted",
     }
 )
 _CODE_OF_STATUS = {
-    400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 413: "BadRequest",
-    429: "ResourceExhausted", 500: "Internal", 503: "ServiceUnavailable",
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    413: "BadRequest",
+    429: "ResourceExhausted",
+    500: "Internal",
+    503: "ServiceUnavailable",
 }
 
 # Buckets as the reference EPP declares them, so that series from both aggregate bucket by
 # bucket. (32778 in the token buckets is GIE's, kept as is for the same reason.)
 LATENCY_BUCKETS = (
-    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45, 60,
-    120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600,
+    0.005,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.4,
+    0.6,
+    0.8,
+    1.0,
+    1.25,
+    1.5,
+    2,
+    3,
+    4,
+    5,
+    6,
+    8,
+    10,
+    15,
+    20,
+    30,
+    45,
+    60,
+    120,
+    180,
+    240,
+    300,
+    360,
+    480,
+    600,
+    900,
+    1200,
+    1800,
+    2700,
+    3600,
 )
 INPUT_TOKEN_BUCKETS = (
-    1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536, 131072, 262144, 524288, 1048576,
+    1,
+    8,
+    16,
+    32,
+    64,
+    128,
+    256,
+    512,
+    1024,
+    2048,
+    4096,
+    8192,
+    16384,
+    32778,
+    65536,
+    131072,
+    262144,
+    524288,
+    1048576,
 )
 OUTPUT_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -66,7 +130,11 @@ _MODEL_LABELS = ("model_name", "target_model_name")
 def pool_name(settings: Any) -> str:
     """The ``name`` label of the pool series: --pool-name, else the watched InferencePool's
     name (--k8s-inference-pool), else "default"."""
-    return getattr(settings, "pool_name", "") or getattr(settings, "k8s_inference_pool", "") or DEFAULT_POOL_NAME
+    return (
+        getattr(settings, "pool_name", "")
+        or getattr(settings, "k8s_inference_pool", "")
+        or DEFAULT_POOL_NAME
+    )
 
 
 def error_code(status: int, *, upstream: bool = False) -> str | None:
@@ -114,7 +182,8 @@ class PoolCollector(Collector):
         known = [v.metrics for v in ready if v.known and v.metrics is not None]
         labels = ["name"]
         ready_pods = GaugeMetricFamily(
-            "inference_pool_ready_pods", "The number of ready model servers (healthy, eligible) in the pool.",
+            "inference_pool_ready_pods",
+            "The number of ready model servers (healthy, eligible) in the pool.",
             labels=labels,
         )
         ready_pods.add_metric([self._pool], float(len(ready)))
@@ -267,9 +336,14 @@ class ObjectiveMetrics:
             pair.duration = self._duration.labels(*pair.labels)
         pair.duration.observe(seconds)
 
-    def tokens(self, model: str | None, target: str | None, prompt: int | None, completion: int | None) -> None:
+    def tokens(
+        self, model: str | None, target: str | None, prompt: int | None, completion: int | None
+    ) -> None:
         # Like the reference EPP: only positive counts (0 or absent means "not reported").
-        has_prompt, has_completion = prompt is not None and prompt > 0, completion is not None and completion > 0
+        has_prompt, has_completion = (
+            prompt is not None and prompt > 0,
+            completion is not None and completion > 0,
+        )
         if not (has_prompt or has_completion):
             return
         pair = self._pair(model, target)

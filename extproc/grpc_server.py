@@ -124,7 +124,9 @@ def build_server(
             ("grpc.max_send_message_length", max_message),
         ]
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": rpc}),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": rpc}),)
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -147,9 +149,15 @@ READINESS_NAMES = ("", SERVICE_NAME, "readiness")
 LIVENESS_NAME = "liveness"
 
 
-async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool, *, alive: bool = True) -> None:
+async def set_serving(
+    health_servicer: health.aio.HealthServicer, serving: bool, *, alive: bool = True
+) -> None:
     def status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
-        return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        return (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
     for name in READINESS_NAMES:
         await health_servicer.set(name, status(serving))

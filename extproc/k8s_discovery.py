@@ -46,7 +46,9 @@ from extproc.supervise import spawn
 
 log = logging.getLogger(__name__)
 
-InferencePool = create_namespaced_resource("inference.networking.k8s.io", "v1", "InferencePool", "inferencepools")
+InferencePool = create_namespaced_resource(
+    "inference.networking.k8s.io", "v1", "InferencePool", "inferencepools"
+)
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 DEFAULT_KUBECONFIG = Path("~/.kube/config")
@@ -149,10 +151,14 @@ def pod_is_ready(pod: Pod) -> bool:
 
 
 def backend_url(ip: str, port: int) -> str:
-    return f"http://[{ip}]:{port}" if ipaddress.ip_address(ip).version == 6 else f"http://{ip}:{port}"
+    return (
+        f"http://[{ip}]:{port}" if ipaddress.ip_address(ip).version == 6 else f"http://{ip}:{port}"
+    )
 
 
-def pod_endpoints(pods: Iterable[Pod], labels: Mapping[str, str], ports: Iterable[int]) -> list[str]:
+def pod_endpoints(
+    pods: Iterable[Pod], labels: Mapping[str, str], ports: Iterable[int]
+) -> list[str]:
     """Backend URLs of the ready pods matching ``labels``, times ``ports``; sorted, no duplicates."""
     port_list = sorted(set(ports))
     urls: set[str] = set()
@@ -164,8 +170,11 @@ def pod_endpoints(pods: Iterable[Pod], labels: Mapping[str, str], ports: Iterabl
         try:
             urls.update(backend_url(pod.status.podIP, port) for port in port_list)
         except ValueError:
-            log.warning("pod %s has an unparsable IP %r; skipped",
-                        pod.metadata.name if pod.metadata else "?", pod.status.podIP)
+            log.warning(
+                "pod %s has an unparsable IP %r; skipped",
+                pod.metadata.name if pod.metadata else "?",
+                pod.status.podIP,
+            )
     return sorted(urls)
 
 
@@ -251,7 +260,9 @@ def describe_error(exc: BaseException) -> str:
 
 @dataclass
 class WatchTiming:
-    watch_seconds: float = 60.0  # every watch is reopened after this long (server timeoutSeconds too)
+    watch_seconds: float = (
+        60.0  # every watch is reopened after this long (server timeoutSeconds too)
+    )
     backoff: float = 0.5  # first retry delay after an error
     max_backoff: float = 30.0
 
@@ -294,8 +305,11 @@ class _ListWatch:
                 await self._watch()
             except API_ERRORS as exc:
                 if status_code(exc) == 410:  # an HTTP status or a watch ERROR event: too old
-                    log.info("kubernetes: %s: resourceVersion %s expired (410 Gone); listing again",
-                             self.what, self.version)
+                    log.info(
+                        "kubernetes: %s: resourceVersion %s expired (410 Gone); listing again",
+                        self.what,
+                        self.version,
+                    )
                     self.version = None
                     self.gone += 1
                     if self.gone > 1:  # Gone again right after a list: do not spin on it
@@ -303,19 +317,29 @@ class _ListWatch:
                     continue
                 self.failures += 1
                 delay = self.backoff.next()
-                log.warning("kubernetes: %s failed (%d in a row): %s; keeping the last known backends, "
-                            "retrying in %.1f s", self.what, self.failures, describe_error(exc), delay)
+                log.warning(
+                    "kubernetes: %s failed (%d in a row): %s; keeping the last known backends, "
+                    "retrying in %.1f s",
+                    self.what,
+                    self.failures,
+                    describe_error(exc),
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     def _recovered(self) -> None:
         if self.failures:
-            log.info("kubernetes: %s: API answers again after %d failure(s)", self.what, self.failures)
+            log.info(
+                "kubernetes: %s: API answers again after %d failure(s)", self.what, self.failures
+            )
         self.failures = 0
         if not self.gone:  # a list that keeps ending in 410 is no recovery
             self.backoff.reset()
 
     async def _list(self) -> None:
-        listing = self.client.list(self.res, namespace=self.namespace, labels=self.labels, fields=self.fields)
+        listing = self.client.list(
+            self.res, namespace=self.namespace, labels=self.labels, fields=self.fields
+        )
         items: dict[str, Any] = {}
         async for obj in listing:
             items[obj.metadata.name] = obj
@@ -331,8 +355,12 @@ class _ListWatch:
         window = self.timing.watch_seconds * self.rng.uniform(0.9, 1.0)
         server_timeout = max(1, int(window))
         events: AsyncIterable[tuple[str, Any]] = self.client.watch(
-            self.res, namespace=self.namespace, labels=self.labels, fields=self.fields,
-            server_timeout=server_timeout, resource_version=self.version,
+            self.res,
+            namespace=self.namespace,
+            labels=self.labels,
+            fields=self.fields,
+            server_timeout=server_timeout,
+            resource_version=self.version,
         )
         try:
             async with asyncio.timeout(window + 1.0), contextlib.aclosing(events):  # type: ignore[type-var]
@@ -393,13 +421,23 @@ class K8sDiscovery:
 
     async def start(self) -> None:
         """Returns at once: the API may be unreachable now; ``synced`` tells when it was read."""
-        what = f"InferencePool {self.pool}" if self.pool or self._target is None else self._target.describe()
+        what = (
+            f"InferencePool {self.pool}"
+            if self.pool or self._target is None
+            else self._target.describe()
+        )
         log.info("kubernetes discovery: %s in namespace %s", what, self.namespace)
         if self.pool:
             self.pool_watch = _ListWatch(
-                self.client, InferencePool, namespace=self.namespace, what=f"InferencePool {self.pool}",
-                fields={"metadata.name": self.pool}, on_list=self._pool_listed, on_event=self._pool_event,
-                timing=self.timing, rng=self.rng,
+                self.client,
+                InferencePool,
+                namespace=self.namespace,
+                what=f"InferencePool {self.pool}",
+                fields={"metadata.name": self.pool},
+                on_list=self._pool_listed,
+                on_event=self._pool_event,
+                timing=self.timing,
+                rng=self.rng,
             )
             self._pool_task = spawn("k8s-pool-watch", self.pool_watch.run, self.on_error)
         else:
@@ -435,14 +473,21 @@ class K8sDiscovery:
         target: Target | None = None
         if pool is None:
             if self._target is not None or not self.synced.is_set():
-                log.warning("kubernetes: InferencePool %s/%s does not exist (deleted?): no backends",
-                            self.namespace, self.pool)
+                log.warning(
+                    "kubernetes: InferencePool %s/%s does not exist (deleted?): no backends",
+                    self.namespace,
+                    self.pool,
+                )
         else:
             try:
                 target = pool_target(pool)
             except ValueError as exc:
-                log.error("kubernetes: InferencePool %s/%s is unusable: %s; no backends",
-                          self.namespace, self.pool, exc)
+                log.error(
+                    "kubernetes: InferencePool %s/%s is unusable: %s; no backends",
+                    self.namespace,
+                    self.pool,
+                    exc,
+                )
         if target == self._target and (target is None or self._pods_task is not None):
             self._maybe_synced()
             return
@@ -452,7 +497,9 @@ class K8sDiscovery:
             self._pods, self._pods_target = {}, None
             self._publish()
         elif old is not None and old.labels == target.labels and self._pods_task is not None:
-            log.info("kubernetes: InferencePool %s: target ports now %s", self.pool, list(target.ports))
+            log.info(
+                "kubernetes: InferencePool %s: target ports now %s", self.pool, list(target.ports)
+            )
             self._publish()  # same pods, other ports: no new list needed
         else:
             log.info("kubernetes: InferencePool %s selects %s", self.pool, target.describe())
@@ -465,9 +512,15 @@ class K8sDiscovery:
         self._stop_pods()
         target = self._target
         self.pods_watch = _ListWatch(
-            self.client, Pod, namespace=self.namespace, what=f"pods {target.describe_labels()}",
-            labels=target.selector, on_list=lambda pods: self._pods_listed(target, pods),
-            on_event=self._pod_event, timing=self.timing, rng=self.rng,
+            self.client,
+            Pod,
+            namespace=self.namespace,
+            what=f"pods {target.describe_labels()}",
+            labels=target.selector,
+            on_list=lambda pods: self._pods_listed(target, pods),
+            on_event=self._pod_event,
+            timing=self.timing,
+            rng=self.rng,
         )
         self._pods_task = spawn("k8s-pods-watch", self.pods_watch.run, self.on_error)
 
@@ -504,7 +557,9 @@ class K8sDiscovery:
             urls: list[str] = []
         else:
             # Labels the pods were listed for, ports wished now (a port change needs no list).
-            urls = pod_endpoints(self._pods.values(), self._pods_target.selector, self._target.ports)
+            urls = pod_endpoints(
+                self._pods.values(), self._pods_target.selector, self._target.ports
+            )
         if urls != self._published:
             self._published = urls
             self.on_change(urls)
@@ -533,7 +588,12 @@ def build_k8s_discovery(
     namespace = settings.k8s_namespace or default_namespace(config, sa_dir)
     client = AsyncClient(config=config, namespace=namespace, timeout=httpx.Timeout(10.0))
     return K8sDiscovery(
-        client, on_change, namespace=namespace, pool=settings.k8s_inference_pool,
+        client,
+        on_change,
+        namespace=namespace,
+        pool=settings.k8s_inference_pool,
         selector=parse_selector(settings.k8s_selector) if settings.k8s_selector else None,
-        ports=settings.k8s_target_port, on_error=on_error, timing=timing,
+        ports=settings.k8s_target_port,
+        on_error=on_error,
+        timing=timing,
     )

@@ -36,7 +36,9 @@ class _BackendCollector(Collector):
             labels=["backend"],
         )
         healthy = GaugeMetricFamily(
-            "extproc_backend_healthy", "1 if the backend is eligible (not failing its scrapes), else 0.", labels=["backend"]
+            "extproc_backend_healthy",
+            "1 if the backend is eligible (not failing its scrapes), else 0.",
+            labels=["backend"],
         )
         suspect = GaugeMetricFamily(
             "extproc_backend_suspect",
@@ -44,7 +46,9 @@ class _BackendCollector(Collector):
             labels=["backend"],
         )
         inflight = GaugeMetricFamily(
-            "extproc_inflight_requests", "Requests routed to the backend whose ext_proc stream is still open.", labels=["backend"]
+            "extproc_inflight_requests",
+            "Requests routed to the backend whose ext_proc stream is still open.",
+            labels=["backend"],
         )
         state = GaugeMetricFamily(
             "extproc_backend_state",
@@ -62,7 +66,9 @@ class _BackendCollector(Collector):
         for view in snap.backends:
             for s in ("fresh", "stale", "unknown"):
                 state.add_metric([view.endpoint, s], 1.0 if view.freshness == s else 0.0)
-        tasks = GaugeMetricFamily("extproc_asyncio_tasks", "asyncio tasks alive in the service's event loop.")
+        tasks = GaugeMetricFamily(
+            "extproc_asyncio_tasks", "asyncio tasks alive in the service's event loop."
+        )
         try:
             tasks.add_metric([], float(len(asyncio.all_tasks())))
         except RuntimeError:  # collected outside the event loop (tests)
@@ -125,7 +131,8 @@ class Metrics:
             registry=self.registry,
         )
         self.serving = Gauge(
-            "extproc_serving", "1 while the gRPC health status is SERVING (0 while draining or with an empty pool).",
+            "extproc_serving",
+            "1 while the gRPC health status is SERVING (0 while draining or with an empty pool).",
             registry=self.registry,
         )
         ProcessCollector(registry=self.registry)  # RSS, open fds, CPU: what a soak test watches
@@ -185,12 +192,18 @@ class Metrics:
         """A request that ended in an error (gie_metrics.error_code(status) gives the code)."""
         self.objectives.error(model, target_model, error_code)
 
-    def objective_duration(self, model: str | None, target_model: str | None, seconds: float) -> None:
+    def objective_duration(
+        self, model: str | None, target_model: str | None, seconds: float
+    ) -> None:
         """Request headers to end of response: inference_objective_request_duration_seconds."""
         self.objectives.duration(model, target_model, seconds)
 
     def objective_tokens(
-        self, model: str | None, target_model: str | None, prompt_tokens: int | None, completion_tokens: int | None
+        self,
+        model: str | None,
+        target_model: str | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
     ) -> None:
         """The response's usage (gie_metrics.usage_from_response): input/output token histograms."""
         self.objectives.tokens(model, target_model, prompt_tokens, completion_tokens)

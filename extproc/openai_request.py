@@ -9,6 +9,7 @@ it directly and the request never reaches a backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -24,6 +25,12 @@ class ParsedRequest:
     stream: bool = False
     user: str | None = None
     max_tokens: int | None = None
+    # For the exact prefix index (extproc/tokenizer.py): what the server's tokenizer sees.
+    messages: list[Any] | None = None  # chat: the messages as sent
+    prompt_ids: list[int] | None = None  # completions: a prompt given as token ids
+    template_options: dict[str, Any] | None = (
+        None  # chat: chat_template_kwargs, add_generation_prompt
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +66,17 @@ def _message_text(messages: object) -> str:
         if isinstance(content, str):
             text = content
         elif isinstance(content, list):  # content parts: keep the text ones
-            text = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+            text = "".join(
+                p.get("text", "")
+                for p in content
+                if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
         elif content is None:
             text = ""
         else:
-            raise _bad(f"'messages[{i}].content' must be a string or an array.", f"messages[{i}].content")
+            raise _bad(
+                f"'messages[{i}].content' must be a string or an array.", f"messages[{i}].content"
+            )
         # Role markers keep "user: ab" and "system: ab" apart, like a chat template would.
         parts.append(f"<|{role}|>{text}")
     return "\n".join(parts)
@@ -83,7 +96,9 @@ def _prompt_text(prompt: object) -> str:
 def parse_request(path: str, body: bytes, *, max_bytes: int) -> ParsedRequest:
     if len(body) > max_bytes:
         raise RequestError(
-            413, f"Request body is {len(body)} bytes; the limit is {max_bytes}.", code="request_too_large"
+            413,
+            f"Request body is {len(body)} bytes; the limit is {max_bytes}.",
+            code="request_too_large",
         )
     try:
         data = orjson.loads(body)
@@ -96,12 +111,18 @@ def parse_request(path: str, body: bytes, *, max_bytes: int) -> ParsedRequest:
         raise _bad("You must provide a model parameter.", "model", "missing_model")
     if not isinstance(model, str) or not model:
         raise _bad("'model' must be a non-empty string.", "model")
+    messages = prompt_ids = options = None
     if path == CHAT_PATH:
-        prompt = _message_text(data.get("messages"))
+        messages = data.get("messages")
+        prompt = _message_text(messages)
+        options = _template_options(data)
     else:
         if "prompt" not in data:
             raise _bad("You must provide a prompt parameter.", "prompt")
-        prompt = _prompt_text(data["prompt"])
+        raw = data["prompt"]
+        prompt = _prompt_text(raw)
+        if isinstance(raw, list) and raw and isinstance(raw[0], int):
+            prompt_ids = raw
     stream = data.get("stream", False)
     if stream is None:
         stream = False
@@ -111,6 +132,25 @@ def parse_request(path: str, body: bytes, *, max_bytes: int) -> ParsedRequest:
     if user is not None and not isinstance(user, str):
         raise _bad("'user' must be a string.", "user")
     max_tokens = data.get("max_tokens", data.get("max_completion_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0):
+    if max_tokens is not None and (
+        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0
+    ):
         raise _bad("'max_tokens' must be a non-negative integer.", "max_tokens")
-    return ParsedRequest(model=model, prompt=prompt, stream=stream, user=user, max_tokens=max_tokens)
+    return ParsedRequest(
+        model=model,
+        prompt=prompt,
+        stream=stream,
+        user=user,
+        max_tokens=max_tokens,
+        messages=messages,
+        prompt_ids=prompt_ids,
+        template_options=options,
+    )
+
+
+def _template_options(data: dict[str, Any]) -> dict[str, Any] | None:
+    kwargs = data.get("chat_template_kwargs")
+    options = dict(kwargs) if isinstance(kwargs, dict) else {}
+    if isinstance(data.get("add_generation_prompt"), bool):
+        options["add_generation_prompt"] = data["add_generation_prompt"]
+    return options or None

@@ -30,7 +30,10 @@ def block_hashes(model: str, text: str, block_chars: int = 64) -> tuple[int, ...
         data = text.encode()
         chunks = (data[i * block_chars : (i + 1) * block_chars] for i in range(n))
     else:
-        chunks = (text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass") for i in range(n))
+        chunks = (
+            text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass")
+            for i in range(n)
+        )
     out = []
     for chunk in chunks:
         seed = xxhash.xxh3_64_intdigest(chunk, seed=seed)
@@ -39,14 +42,18 @@ def block_hashes(model: str, text: str, block_chars: int = 64) -> tuple[int, ...
 
 
 class PrefixIndex:
-    def __init__(self, *, block_chars: int = 64, default_capacity: int = 50_000, max_capacity: int = 500_000) -> None:
+    def __init__(
+        self, *, block_chars: int = 64, default_capacity: int = 50_000, max_capacity: int = 500_000
+    ) -> None:
         self.block_chars = block_chars
         self.default_capacity = default_capacity
         self.max_capacity = max_capacity
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._capacity: dict[str, int] = {}
 
-    def set_capacity_from_cache_config(self, endpoint: str, num_gpu_blocks: int | None, block_size: int | None) -> None:
+    def set_capacity_from_cache_config(
+        self, endpoint: str, num_gpu_blocks: int | None, block_size: int | None
+    ) -> None:
         if num_gpu_blocks and block_size:
             tokens = num_gpu_blocks * block_size
             blocks = tokens * CHARS_PER_TOKEN // self.block_chars

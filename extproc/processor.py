@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
@@ -43,12 +43,13 @@ from extproc.decide import (
 )
 from extproc.errors import openai_error
 from extproc.gie_metrics import error_code, usage_from_response
+from extproc.kv_prefix import PrefixSource, PromptPrefix
 from extproc.observability import Metrics
 from extproc.openai_request import LLM_PATHS, ParsedRequest, RequestError, parse_request, route_path
 from extproc.prefix_index import PrefixIndex
 from extproc.route_settings import DEFAULT as DEFAULT_ROUTE
 from extproc.route_settings import RouteSettings
-from extproc.strategies import STRATEGIES, RequestFacts, Strategy
+from extproc.strategies import Profile, Reason, RequestFacts, get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class StreamState:
     body_mode: int = 0  # ProcessingMode.BodySendMode Envoy announced in protocol_config
     response_body_mode: int = 0
     headers: dict[str, str] | None = None
-    strategy: Strategy | None = None
+    strategy: Profile | None = None  # the profile (API: strategy) this request is routed by
     awaiting_body: bool = False  # BUFFERED: the body message decides
     chunks: list[bytes] | None = None  # FULL_DUPLEX_STREAMED: body collected so far
     body_size: int = 0
@@ -107,11 +108,15 @@ class StreamState:
     model: str | None = None
     running_done: Callable[[], None] | None = None
     response_tail: bytes = b""  # the last bytes of the response body (usage is at the end)
+    prefix: PromptPrefix | None = None  # the prompt as the prefix indexes see it
 
 
 def headers_of(msg: ep.HttpHeaders) -> dict[str, str]:
     # Envoy fills raw_value (bytes); older versions fill value.
-    return {h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in msg.headers.headers}
+    return {
+        h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
+        for h in msg.headers.headers
+    }
 
 
 def routing_response(decision: Decision, expose: bool, phase: str) -> bytes:
@@ -135,9 +140,13 @@ def routing_response(decision: Decision, expose: bool, phase: str) -> bytes:
         )
     common = ep.CommonResponse(header_mutation=ep.HeaderMutation(set_headers=[mutation]))
     if phase == "request_body":
-        resp = ep.ProcessingResponse(request_body=ep.BodyResponse(response=common), dynamic_metadata=md)
+        resp = ep.ProcessingResponse(
+            request_body=ep.BodyResponse(response=common), dynamic_metadata=md
+        )
     else:
-        resp = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common), dynamic_metadata=md)
+        resp = ep.ProcessingResponse(
+            request_headers=ep.HeadersResponse(response=common), dynamic_metadata=md
+        )
     return resp.SerializeToString()
 
 
@@ -158,7 +167,8 @@ def immediate_error(
             headers=ep.HeaderMutation(
                 set_headers=[
                     base_pb2.HeaderValueOption(
-                        header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE
+                        header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
+                        append_action=_OVERWRITE,
                     )
                     for k, v in headers
                 ]
@@ -174,13 +184,21 @@ def _continue(kind: str) -> bytes:
     """A plain CONTINUE for a phase we do not act on."""
     common = ep.CommonResponse()
     if kind == "request_headers":
-        return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common)).SerializeToString()
+        return ep.ProcessingResponse(
+            request_headers=ep.HeadersResponse(response=common)
+        ).SerializeToString()
     if kind == "request_body":
-        return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common)).SerializeToString()
+        return ep.ProcessingResponse(
+            request_body=ep.BodyResponse(response=common)
+        ).SerializeToString()
     if kind == "response_headers":
-        return ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common)).SerializeToString()
+        return ep.ProcessingResponse(
+            response_headers=ep.HeadersResponse(response=common)
+        ).SerializeToString()
     if kind == "response_body":
-        return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common)).SerializeToString()
+        return ep.ProcessingResponse(
+            response_body=ep.BodyResponse(response=common)
+        ).SerializeToString()
     if kind == "request_trailers":
         return ep.ProcessingResponse(request_trailers=ep.TrailersResponse()).SerializeToString()
     if kind == "response_trailers":
@@ -191,10 +209,14 @@ def _continue(kind: str) -> bytes:
 def streamed_body(kind: str, body: bytes, end_of_stream: bool) -> bytes:
     """A FULL_DUPLEX_STREAMED body answer: Envoy forwards exactly these bytes."""
     common = ep.CommonResponse(
-        body_mutation=ep.BodyMutation(streamed_response=ep.StreamedBodyResponse(body=body, end_of_stream=end_of_stream))
+        body_mutation=ep.BodyMutation(
+            streamed_response=ep.StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
+        )
     )
     if kind == "request_body":
-        return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common)).SerializeToString()
+        return ep.ProcessingResponse(
+            request_body=ep.BodyResponse(response=common)
+        ).SerializeToString()
     return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common)).SerializeToString()
 
 
@@ -203,10 +225,13 @@ def _content_length(n: int) -> bytes:
     merge when concatenated (repeated fields append), so ``routing answer + this`` is one answer
     with both mutations: the cached routing bytes stay shared."""
     mutation = base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key="content-length", raw_value=str(n).encode()), append_action=_OVERWRITE
+        header=base_pb2.HeaderValue(key="content-length", raw_value=str(n).encode()),
+        append_action=_OVERWRITE,
     )
     return ep.ProcessingResponse(
-        request_headers=ep.HeadersResponse(response=ep.CommonResponse(header_mutation=ep.HeaderMutation(set_headers=[mutation])))
+        request_headers=ep.HeadersResponse(
+            response=ep.CommonResponse(header_mutation=ep.HeaderMutation(set_headers=[mutation]))
+        )
     ).SerializeToString()
 
 
@@ -222,7 +247,11 @@ def subset_hint(md: base_pb2.Metadata) -> frozenset[str] | None:
     value = fields[SUBSET_KEY]
     kind = value.WhichOneof("kind")
     if kind == "list_value":
-        items = [v.string_value for v in value.list_value.values if v.WhichOneof("kind") == "string_value"]
+        items = [
+            v.string_value
+            for v in value.list_value.values
+            if v.WhichOneof("kind") == "string_value"
+        ]
     elif kind == "string_value":
         items = value.string_value.split(",")
     else:
@@ -244,16 +273,27 @@ def served_endpoint(md: base_pb2.Metadata) -> str | None:
 CONTINUE_FOR = {  # a plain CONTINUE answer per message kind (also the shell's last net)
     k: _continue(k)
     for k in (
-        "request_headers", "request_body", "response_headers", "response_body", "request_trailers", "response_trailers"
+        "request_headers",
+        "request_body",
+        "response_headers",
+        "response_body",
+        "request_trailers",
+        "response_trailers",
     )
 }
 
 
 def _without_destination(kind: str) -> bytes:
-    common = ep.CommonResponse(header_mutation=ep.HeaderMutation(remove_headers=[DESTINATION_HEADER]))
+    common = ep.CommonResponse(
+        header_mutation=ep.HeaderMutation(remove_headers=[DESTINATION_HEADER])
+    )
     if kind == "request_body":
-        return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common)).SerializeToString()
-    return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common)).SerializeToString()
+        return ep.ProcessingResponse(
+            request_body=ep.BodyResponse(response=common)
+        ).SerializeToString()
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(response=common)
+    ).SerializeToString()
 
 
 _NO_DESTINATION = {k: _without_destination(k) for k in ("request_headers", "request_body")}
@@ -290,10 +330,11 @@ class Processor:
         registry: BackendRegistry,
         *,
         default_strategy: str,
-        fallback: Strategy,
+        fallback: Profile,
         metrics: Metrics,
         expose_routing_headers: bool = True,
         prefix_index: PrefixIndex | None = None,
+        prefix_source: PrefixSource | None = None,
         max_body_bytes: int = 4 * 1024 * 1024,
         default_route: RouteSettings = DEFAULT_ROUTE,
         fallback_endpoints: int = 3,
@@ -302,16 +343,19 @@ class Processor:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.registry = registry
-        self.default_strategy = STRATEGIES[default_strategy]
+        # Resolved per request in the route's profile table (a route may override profiles).
+        self.default_strategy = get_strategy(default_strategy, default_route.profiles)
         self.fallback = fallback
         self.metrics = metrics
         self.expose = expose_routing_headers
-        self.prefix_index = prefix_index or PrefixIndex()
+        # Exact (KV events) where a server publishes them, else the approximate index.
+        self.prefix_source = prefix_source or PrefixSource(prefix_index or PrefixIndex())
+        self.prefix_index = self.prefix_source.approx
         self.max_body_bytes = max_body_bytes
         self.fallback_endpoints = fallback_endpoints
         # Empty pool: answer 503 ourselves, or (default) let Envoy's fallback policy choose.
         self.reject_when_empty = reject_when_empty
-        # Service-wide weights / guards; a route's metadata overrides them field by field.
+        # Service-wide profiles and settings; a route's metadata overrides them.
         self.default_route = default_route
         self.rng = rng or random.Random()
         self._clock = clock
@@ -335,7 +379,9 @@ class Processor:
                 return self.on_request_body(req.request_body, state)
         elif kind == "request_trailers" and state.chunks is not None:
             # Duplex body ended by trailers instead of an end_of_stream chunk.
-            return self._duplex_decide(state, end_of_stream=False, then=CONTINUE_FOR["request_trailers"])
+            return self._duplex_decide(
+                state, end_of_stream=False, then=CONTINUE_FOR["request_trailers"]
+            )
         else:
             if state.served is None and req.HasField("metadata_context"):
                 self._note_served(req.metadata_context, state)
@@ -380,7 +426,10 @@ class Processor:
                 state.headers, state.strategy, state.chunks = headers, strategy, []
                 return Outcome(b"")
         facts = RequestFacts(
-            seq=self._next_seq(), path=path, headers=headers, session_key=headers.get(SESSION_HEADER) or None,
+            seq=self._next_seq(),
+            path=path,
+            headers=headers,
+            session_key=headers.get(SESSION_HEADER) or None,
             subset=state.subset,
         )
         return self._route(strategy, facts, state, "request_headers", started)
@@ -399,8 +448,11 @@ class Processor:
             self.metrics.rejected("request_too_large")
             return self._immediate(
                 immediate_error(
-                    413, f"Request body exceeds {self.max_body_bytes} bytes.", type_="invalid_request_error",
-                    code="request_too_large", details="extproc_bad_request",
+                    413,
+                    f"Request body exceeds {self.max_body_bytes} bytes.",
+                    type_="invalid_request_error",
+                    code="request_too_large",
+                    details="extproc_bad_request",
                 ),
                 state,
                 413,
@@ -410,7 +462,9 @@ class Processor:
             return Outcome(b"")
         return self._duplex_decide(state, end_of_stream=True)
 
-    def _duplex_decide(self, state: StreamState, *, end_of_stream: bool, then: bytes = b"") -> Outcome:
+    def _duplex_decide(
+        self, state: StreamState, *, end_of_stream: bool, then: bytes = b""
+    ) -> Outcome:
         body = b"".join(state.chunks or ())
         state.chunks = None
         outcome = self._decide_on_body(body, end_of_stream, state, "request_headers")
@@ -420,12 +474,17 @@ class Processor:
         # that follows (a chunked request gets one too), then the body itself, in order.
         n = len(body)
         pieces = [body[i : i + STREAM_CHUNK] for i in range(0, n, STREAM_CHUNK)] or [b""]
-        more = [streamed_body("request_body", piece, end_of_stream and i == len(pieces) - 1) for i, piece in enumerate(pieces)]
+        more = [
+            streamed_body("request_body", piece, end_of_stream and i == len(pieces) - 1)
+            for i, piece in enumerate(pieces)
+        ]
         if then:
             more.append(then)
         return Outcome(outcome.response + _content_length(n), outcome.token, tuple(more))
 
-    def _decide_on_body(self, body: bytes, end_of_stream: bool, state: StreamState, phase: str) -> Outcome:
+    def _decide_on_body(
+        self, body: bytes, end_of_stream: bool, state: StreamState, phase: str
+    ) -> Outcome:
         started = self._clock()
         headers = state.headers or {}
         path = route_path(headers.get(":path", ""))
@@ -436,16 +495,27 @@ class Processor:
                 # Not the end of the stream: in BUFFERED mode trailers follow a complete body; in
                 # BUFFERED_PARTIAL mode Envoy may have cut the body at its buffer limit, which
                 # shows as JSON that does not parse.
-                if not end_of_stream and state.body_mode == ProcessingMode.BUFFERED_PARTIAL and err.status == 400:
+                if (
+                    not end_of_stream
+                    and state.body_mode == ProcessingMode.BUFFERED_PARTIAL
+                    and err.status == 400
+                ):
                     raise RequestError(
-                        413, "Request body exceeds the gateway's buffer limit.", code="request_too_large"
+                        413,
+                        "Request body exceeds the gateway's buffer limit.",
+                        code="request_too_large",
                     ) from None
                 raise
         except RequestError as err:
             self.metrics.rejected(err.code or f"http-{err.status}")
             return self._immediate(
                 immediate_error(
-                    err.status, err.message, type_=err.type, code=err.code, param=err.param, details="extproc_bad_request"
+                    err.status,
+                    err.message,
+                    type_=err.type,
+                    code=err.code,
+                    param=err.param,
+                    details="extproc_bad_request",
                 ),
                 state,
                 err.status,
@@ -469,7 +539,9 @@ class Processor:
         if served == decision.backend.endpoint:
             self.metrics.served("pick")
             return
-        self.metrics.served("fallback" if any(b.endpoint == served for b in decision.fallbacks) else "other")
+        self.metrics.served(
+            "fallback" if any(b.endpoint == served for b in decision.fallbacks) else "other"
+        )
         slot = self.registry.slot_of(served)
         if slot is not None and state.token is not None:
             self.registry.on_done(state.token)
@@ -480,18 +552,19 @@ class Processor:
         self._seq += 1
         return self._seq
 
-    def _strategy_for(self, headers: dict[str, str], route: RouteSettings) -> Strategy | bytes:
+    def _strategy_for(self, headers: dict[str, str], route: RouteSettings) -> Profile | bytes:
         """Route setting > client header (unless forbidden) > service default."""
+        profiles = route.profiles
         if route.strategy is not None:
-            return STRATEGIES[route.strategy]
+            return profiles[route.strategy]
         requested = headers.get(STRATEGY_HEADER)
         if requested and route.allow_client_strategy:
-            found = STRATEGIES.get(requested.strip().lower())
+            found = profiles.get(requested.strip().lower())
             if found is None:
                 self.metrics.rejected("unknown-strategy")
-                return self._unknown_strategy(requested)
+                return self._unknown_strategy(requested, profiles)
             return found
-        return self.default_strategy
+        return profiles.get(self.default_strategy.name, self.default_strategy)
 
     def _immediate(self, response: bytes, state: StreamState, status: int) -> Outcome:
         state.chunks = None  # Envoy ends the request: nothing more to collect
@@ -525,27 +598,22 @@ class Processor:
     def _facts_from_body(
         self, path: str, headers: dict[str, str], parsed: ParsedRequest, state: StreamState
     ) -> RequestFacts:
-        route = state.route
-        index = self.prefix_index
-        hashes = index.hashes(parsed.model, parsed.prompt)
+        prefix = state.prefix = self.prefix_source.lookup(parsed)
         return RequestFacts(
             seq=self._next_seq(),
             path=path,
             headers=headers,
             model=parsed.model,
             session_key=headers.get(SESSION_HEADER) or parsed.user,
-            has_prompt=bool(hashes),
-            prefix_match=lambda endpoint: index.match_fraction(endpoint, hashes),
-            weights=route.weights,
-            prefix_guard_abs=route.prefix_guard_abs,
-            prefix_guard_rel=route.prefix_guard_rel,
-            prompt_hashes=hashes,
+            has_prompt=prefix.has_prompt,
+            prefix_match=prefix.match,
+            prompt_hashes=prefix.approx_hashes,
             subset=state.subset,
         )
 
     def _route(
         self,
-        strategy: Strategy,
+        strategy: Profile,
         facts: RequestFacts,
         state: StreamState,
         phase: str,
@@ -554,7 +622,12 @@ class Processor:
     ) -> Outcome:
         try:
             decision = decide(
-                strategy, self.fallback, facts, self.registry.snapshot(), self.rng, self.fallback_endpoints,
+                strategy,
+                self.fallback,
+                facts,
+                self.registry.snapshot(),
+                self.rng,
+                self.fallback_endpoints,
                 state.route.shed_queue_depth,
             )
         except SubsetUnavailable:
@@ -570,16 +643,17 @@ class Processor:
             # No destination: Envoy's override_host falls back to its own policy over the
             # cluster it knows (503 as OpenAI JSON from Envoy if that is empty too). A
             # client-sent destination header is removed: an ORIGINAL_DST cluster would obey it.
-            self.metrics.decided(strategy.name, "no-backends", self._clock() - started)
+            self.metrics.decided(strategy.name, Reason.NO_BACKENDS, self._clock() - started)
             return Outcome(_NO_DESTINATION[phase])
         except UnknownModel as exc:
             self.metrics.rejected("model-not-found")
             return self._immediate(self._model_not_found(exc), state, 404)
         except Exception:  # a bug in a fallback itself: never drop the request
             log.exception("decision failed outright; routing at random")
-            decision = self._last_resort(strategy, facts)
-            if decision is None:
+            last_resort = self._last_resort(strategy, facts)
+            if last_resort is None:
                 return self._immediate(_NO_BACKENDS, state, 503)
+            decision = last_resort
         if state.token is not None:  # decided twice on one stream: only the last pick counts
             self.registry.on_done(state.token)
         token = self.registry.on_pick(decision.backend.index)
@@ -590,12 +664,16 @@ class Processor:
         if facts.prompt_hashes:
             m = decision.backend.metrics
             if m is not None:
-                self.prefix_index.set_capacity_from_cache_config(decision.backend.endpoint, m.num_gpu_blocks, m.block_size)
+                self.prefix_index.set_capacity_from_cache_config(
+                    decision.backend.endpoint, m.num_gpu_blocks, m.block_size
+                )
             self.prefix_index.record(decision.backend.endpoint, facts.prompt_hashes)
+        if state.prefix is not None:
+            state.prefix.picked(decision.backend.endpoint)
         self.metrics.decided(decision.strategy, decision.reason, self._clock() - started)
         return Outcome(self._response_for(decision, phase), token)
 
-    def _last_resort(self, strategy: Strategy, facts: RequestFacts) -> Decision | None:
+    def _last_resort(self, strategy: Profile, facts: RequestFacts) -> Decision | None:
         snap = self.registry.snapshot()
         try:
             backends = pool_for(facts, snap).eligible or snap.backends  # stay in the model's pool
@@ -605,7 +683,7 @@ class Processor:
             backends = tuple(b for b in backends if host_of(b.endpoint) in facts.subset)
         if not backends:
             return None
-        return Decision(self.rng.choice(backends), strategy.name, "fallback-error")
+        return Decision(self.rng.choice(backends), strategy.name, Reason.FALLBACK_ERROR)
 
     def _response_for(self, decision: Decision, phase: str) -> bytes:
         key = (phase, decision.endpoints, decision.strategy, decision.reason)
@@ -617,8 +695,8 @@ class Processor:
         return cached
 
     @staticmethod
-    def _unknown_strategy(requested: str) -> bytes:
-        valid = ", ".join(STRATEGIES)
+    def _unknown_strategy(requested: str, profiles: Mapping[str, Profile]) -> bytes:
+        valid = ", ".join(profiles)
         return immediate_error(
             400,
             f"Unknown routing strategy {requested[:64]!r} in header {STRATEGY_HEADER}. Valid values: {valid}.",

@@ -6,8 +6,8 @@ envoy.yaml sets them per route with ``ExtProcPerRoute.overrides.grpc_initial_met
 |---|---|---|
 | ``x-extproc-strategy`` | a strategy name | this route's strategy (beats the client header and the service default) |
 | ``x-extproc-allow-client-strategy`` | ``true`` / ``false`` | whether clients may pick with ``x-routing-strategy`` here (default true) |
-| ``x-extproc-weights`` | ``queue=2,kv=2,prefix=3,lora=1`` | weights of the ``weighted`` strategy (missing keys keep defaults) |
-| ``x-extproc-prefix-guard`` | ``abs=8,rel=1.5`` | load guard of ``prefix-cache`` |
+| ``x-extproc-weights`` | ``queue=2,kv=2,prefix=3,lora=1`` | scorer weights of the ``weighted`` profile (missing keys keep theirs; ``0`` drops a scorer, another scorer's name adds it) |
+| ``x-extproc-prefix-guard`` | ``abs=8,rel=1.5`` | load guard of the ``prefix-cache`` profile's prefix scorer |
 | ``x-extproc-shed-queue-depth`` | a number, ``0`` = off | answer 429 when every candidate's queue is above it |
 
 Precedence: route setting > client header (unless the route forbids it) > service default.
@@ -18,10 +18,10 @@ an operator's typo must not fail user requests.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
-from extproc.strategies import STRATEGIES, Weights
+from extproc.strategies import SCORERS, STRATEGIES, Profile
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ PREFIX = "x-extproc-"
 class RouteSettings:
     strategy: str | None = None
     allow_client_strategy: bool = True
-    weights: Weights = Weights()
-    prefix_guard_abs: float = 8.0
-    prefix_guard_rel: float = 1.5
+    # The profiles requests on this route are routed by: the service's table (built-ins and
+    # --config), with this route's x-extproc-weights / x-extproc-prefix-guard applied.
+    profiles: Mapping[str, Profile] = field(default_factory=lambda: STRATEGIES)
     shed_queue_depth: float | None = None  # None: never shed
 
 
@@ -56,14 +56,24 @@ def _pairs(value: str) -> dict[str, float]:
     return out
 
 
-def parse_weights(value: str) -> Weights:
-    """``queue=2,kv=2,prefix=3,lora=1`` (missing keys keep their defaults); ValueError if bad."""
+def parse_weights(value: str) -> dict[str, float]:
+    """``queue=2,kv=2,prefix=3,lora=1``: scorer name -> weight; ValueError if bad."""
     pairs = _pairs(value)
-    known = {f.name for f in fields(Weights)}
-    unknown = set(pairs) - known
+    unknown = set(pairs) - set(SCORERS)
     if unknown:
-        raise ValueError(f"unknown weight(s) {sorted(unknown)}; known: {sorted(known)}")
-    return Weights(**pairs)
+        raise ValueError(f"unknown weight(s) {sorted(unknown)}; known scorers: {sorted(SCORERS)}")
+    if any(v == float("inf") for v in pairs.values()):
+        raise ValueError("weights must be finite")
+    return pairs
+
+
+def parse_guard(value: str) -> dict[str, float]:
+    """``abs=8,rel=1.5`` -> the prefix scorer's ``guard_abs`` / ``guard_rel``; ValueError if bad."""
+    pairs = _pairs(value)
+    unknown = set(pairs) - {"abs", "rel"}
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)}; known: abs, rel")
+    return {f"guard_{k}": v for k, v in pairs.items()}
 
 
 def parse_route_settings(
@@ -73,14 +83,17 @@ def parse_route_settings(
     # ``-bin`` keys arrive as bytes; a value that is not UTF-8 is a typo, decoded with U+FFFD
     # (and then rejected below like any bad value), never an exception on the request path.
     values = {
-        k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in metadata if k.startswith(PREFIX)
+        k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+        for k, v in metadata
+        if k.startswith(PREFIX)
     }
     if not values:
         return base
     kw: dict[str, object] = {}
+    profiles = base.profiles
     strategy = values.get(PREFIX + "strategy")
     if strategy is not None:
-        if strategy in STRATEGIES:
+        if strategy in profiles:
             kw["strategy"] = strategy
         else:
             log.warning("route metadata names unknown strategy %r; using the default", strategy)
@@ -90,19 +103,23 @@ def parse_route_settings(
     weights = values.get(PREFIX + "weights")
     if weights is not None:
         try:
-            kw["weights"] = parse_weights(weights)
+            profiles = {
+                **profiles,
+                "weighted": profiles["weighted"].with_weights(parse_weights(weights)),
+            }
         except ValueError as exc:
             log.warning("ignoring route weights %r: %s", weights, exc)
     guard = values.get(PREFIX + "prefix-guard")
     if guard is not None:
         try:
-            pairs = _pairs(guard)
-            if "abs" in pairs:
-                kw["prefix_guard_abs"] = pairs["abs"]
-            if "rel" in pairs:
-                kw["prefix_guard_rel"] = pairs["rel"]
+            profiles = {
+                **profiles,
+                "prefix-cache": profiles["prefix-cache"].with_params("prefix", parse_guard(guard)),
+            }
         except ValueError as exc:
             log.warning("ignoring route prefix guard %r: %s", guard, exc)
+    if profiles is not base.profiles:
+        kw["profiles"] = profiles
     shed = values.get(PREFIX + "shed-queue-depth")
     if shed is not None:
         try:

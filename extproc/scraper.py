@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -98,6 +99,10 @@ def parse_models(body: bytes) -> tuple[frozenset[str], frozenset[str]]:
     return ids, adapters
 
 
+def _in_pool(record: BackendRecord) -> bool:
+    return record.slot >= 0  # a removed backend's slot is -1: its scrape loop ends
+
+
 class Scraper:
     def __init__(
         self,
@@ -122,12 +127,16 @@ class Scraper:
         self._ticker: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         # A stall of half the timeout can make an answered scrape time out.
-        self.watch = LoopWatch(period=0.05, threshold=min(0.2, timeout / 2), observe=metrics.loop_lag)
+        self.watch = LoopWatch(
+            period=0.05, threshold=min(0.2, timeout / 2), observe=metrics.loop_lag
+        )
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         # No connection cap per host: each backend has exactly one scraper task anyway.
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False))
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=False)
+        )
         self.sync()
         self._ticker = spawn("snapshot-ticker", self._tick, self.metrics.task_error)
         self._watch_task = spawn("loop-watch", self.watch.run, self.metrics.task_error)
@@ -142,8 +151,10 @@ class Scraper:
             task = self._tasks.get(url)
             if task is None or task.done():
                 self._tasks[url] = spawn(
-                    "scrape", lambda rec=rec: self._loop(rec), self.metrics.task_error,
-                    keep_going=lambda rec=rec: rec.slot >= 0,
+                    "scrape",
+                    functools.partial(self._loop, rec),
+                    self.metrics.task_error,
+                    keep_going=functools.partial(_in_pool, rec),
                 )
 
     @property
@@ -226,7 +237,9 @@ class Scraper:
                 self.registry.record_failure(rec, "timeout", timeout=True)
         except aiohttp.ClientConnectorError as exc:
             result = "refused"
-            self.registry.record_failure(rec, f"cannot connect: {exc.os_error}", timeout=False, down=True)
+            self.registry.record_failure(
+                rec, f"cannot connect: {exc.os_error}", timeout=False, down=True
+            )
         except MetricsParseError as exc:
             result = "parse_error"
             self.registry.record_failure(rec, f"unparsable /metrics: {exc}", timeout=False)

@@ -69,6 +69,9 @@ class Pool:
     all_unhealthy: bool
     eligible_known: bool
     members: tuple[BackendView, ...] = ()  # every backend of the subset, eligible or not
+    # Values scorers derive from ``eligible`` alone (extproc.strategies Context.column): computed
+    # once per snapshot build instead of once per request.
+    cache: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def of(views: tuple[BackendView, ...]) -> Pool:
@@ -84,6 +87,8 @@ class Snapshot:
     # Requests sent to backend i since its last good scrape and not yet finished, aligned
     # with ``backends``. Added to scraped load so a burst between scrapes spreads out.
     pending: tuple[int, ...] = field(default=())
+    # Indices i with pending[i] > 0, in any order; None: not known (derived from ``pending``).
+    active: tuple[int, ...] | None = None
     # Precomputed once per build so a decision does no O(n) filtering:
     everyone: Pool = Pool((), False, False)  # the whole pool
     # Per served model id (base models and adapters). Empty when no backend reports models
@@ -93,8 +98,18 @@ class Snapshot:
     # may still be served by one of them.
     models_unknown: Pool = Pool((), False, False)
 
-    def with_pending(self, pending: tuple[int, ...]) -> Snapshot:
-        return Snapshot(self.backends, self.built_at, pending, self.everyone, self.model_pools, self.models_unknown)
+    def with_pending(
+        self, pending: tuple[int, ...], active: tuple[int, ...] | None = None
+    ) -> Snapshot:
+        return Snapshot(
+            self.backends,
+            self.built_at,
+            pending,
+            active,
+            self.everyone,
+            self.model_pools,
+            self.models_unknown,
+        )
 
     @property
     def eligible(self) -> tuple[BackendView, ...]:

@@ -100,7 +100,9 @@ def self_signed(hosts: Iterable[str], *, days: int = SELF_SIGNED_DAYS) -> KeyPai
         # A little slack for clocks that are behind ours.
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([_general_name(h) for h in names]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([_general_name(h) for h in names]), critical=False
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
@@ -121,10 +123,14 @@ def write_pair(pair: KeyPair, cert_path: Path, key_path: Path) -> None:
 
 def load_pair(cert_path: str | Path, key_path: str | Path) -> KeyPair:
     """Read and check a PEM certificate (chain) and its unencrypted private key."""
-    return parse_pair(_read(cert_path, "--tls-cert"), _read(key_path, "--tls-key"), cert_path, key_path)
+    return parse_pair(
+        _read(cert_path, "--tls-cert"), _read(key_path, "--tls-key"), cert_path, key_path
+    )
 
 
-def parse_pair(cert_pem: bytes, key_pem: bytes, cert_path: str | Path, key_path: str | Path) -> KeyPair:
+def parse_pair(
+    cert_pem: bytes, key_pem: bytes, cert_path: str | Path, key_path: str | Path
+) -> KeyPair:
     """Check PEM contents (the paths only name them in errors)."""
     try:
         chain = x509.load_pem_x509_certificates(cert_pem)
@@ -133,15 +139,22 @@ def parse_pair(cert_pem: bytes, key_pem: bytes, cert_path: str | Path, key_path:
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
-        raise TLSError(f"--tls-key {key_path}: the key is encrypted; give an unencrypted PEM key") from None
+        raise TLSError(
+            f"--tls-key {key_path}: the key is encrypted; give an unencrypted PEM key"
+        ) from None
     except (ValueError, UnsupportedAlgorithm):
         raise TLSError(f"--tls-key {key_path}: no usable PEM private key in it") from None
     leaf = chain[0]
     if key.public_key() != leaf.public_key():
-        raise TLSError(f"--tls-key {key_path} is not the key of the certificate in --tls-cert {cert_path}")
+        raise TLSError(
+            f"--tls-key {key_path} is not the key of the certificate in --tls-cert {cert_path}"
+        )
     if leaf.not_valid_after_utc < dt.datetime.now(dt.UTC):
-        log.warning("the certificate in %s expired on %s; clients that verify it will refuse it",
-                    cert_path, leaf.not_valid_after_utc)
+        log.warning(
+            "the certificate in %s expired on %s; clients that verify it will refuse it",
+            cert_path,
+            leaf.not_valid_after_utc,
+        )
     return KeyPair(cert_pem, key_pem, leaf)
 
 
@@ -181,7 +194,9 @@ class CertFiles:
         except TLSError as exc:
             # Mid-rotation the certificate may be new and the key still old: the next change of
             # the files is tried again; nothing is lost meanwhile.
-            log.warning("TLS files changed but are not usable (%s); keeping the previous certificate", exc)
+            log.warning(
+                "TLS files changed but are not usable (%s); keeping the previous certificate", exc
+            )
             return None
         self.pair = pair
         log.info("TLS certificate reloaded from %s: %s", self.cert_path, pair.describe())

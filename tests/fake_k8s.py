@@ -44,8 +44,15 @@ Outage = Literal["503", "refused", "hang"]
 
 
 def status(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 def parse_label_selector(text: str) -> Callable[[Mapping[str, str]], bool]:
@@ -65,8 +72,12 @@ def parse_label_selector(text: str) -> Callable[[Mapping[str, str]], bool]:
 
     def matches(labels: Mapping[str, str]) -> bool:
         for op, k, v in terms:
-            ok = {"=": labels.get(k) == v, "!=": labels.get(k) != v,
-                  "absent": k not in labels, "exists": k in labels}[op]
+            ok = {
+                "=": labels.get(k) == v,
+                "!=": labels.get(k) != v,
+                "absent": k not in labels,
+                "exists": k in labels,
+            }[op]
             if not ok:
                 return False
         return True
@@ -128,7 +139,9 @@ class KubeState:
             obj["metadata"].update(name=name, namespace=ns, resourceVersion=str(self.rv))
             obj["metadata"].setdefault("uid", f"uid-{resource}-{ns}-{name}")
             self.objects[key] = obj
-            self.history.append(Event(self.rv, resource, ns, "MODIFIED" if prev else "ADDED", obj, prev))
+            self.history.append(
+                Event(self.rv, resource, ns, "MODIFIED" if prev else "ADDED", obj, prev)
+            )
         self._wake()
 
     def _wake(self) -> None:
@@ -138,15 +151,35 @@ class KubeState:
     def get(self, resource: str, name: str, ns: str = "default") -> dict[str, Any]:
         return copy.deepcopy(self.objects[(resource, ns, name)])
 
-    def add_pod(self, name: str, ip: str, labels: Mapping[str, str], *, ready: bool = True,
-                ns: str = "default", port: int = 8000) -> None:
+    def add_pod(
+        self,
+        name: str,
+        ip: str,
+        labels: Mapping[str, str],
+        *,
+        ready: bool = True,
+        ns: str = "default",
+        port: int = 8000,
+    ) -> None:
         pod = {
-            "apiVersion": "v1", "kind": "Pod",
+            "apiVersion": "v1",
+            "kind": "Pod",
             "metadata": {"labels": dict(labels), "creationTimestamp": "2026-01-01T00:00:00Z"},
-            "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai",
-                                     "ports": [{"containerPort": port, "protocol": "TCP"}]}]},
-            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-                       "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "vllm",
+                        "image": "vllm/vllm-openai",
+                        "ports": [{"containerPort": port, "protocol": "TCP"}],
+                    }
+                ]
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            },
         }
         self._commit(PODS, ns, name, pod)
 
@@ -170,11 +203,21 @@ class KubeState:
     def delete_pod(self, name: str, ns: str = "default") -> None:
         self._commit(PODS, ns, name, None)
 
-    def set_pool(self, name: str, match_labels: Mapping[str, str], ports: Sequence[int],
-                 ns: str = "default", spec: dict[str, Any] | None = None) -> None:
+    def set_pool(
+        self,
+        name: str,
+        match_labels: Mapping[str, str],
+        ports: Sequence[int],
+        ns: str = "default",
+        spec: dict[str, Any] | None = None,
+    ) -> None:
         pool = {
-            "apiVersion": POOL_API, "kind": "InferencePool", "metadata": {},
-            "spec": spec if spec is not None else {
+            "apiVersion": POOL_API,
+            "kind": "InferencePool",
+            "metadata": {},
+            "spec": spec
+            if spec is not None
+            else {
                 "selector": {"matchLabels": dict(match_labels)},
                 "targetPorts": [{"number": p} for p in ports],
                 "endpointPickerRef": {"name": "extproc", "port": {"number": 9002}},
@@ -291,12 +334,18 @@ class FakeKube:
         context: dict[str, Any] = {"cluster": "fake", "user": "fake"}
         if namespace:
             context["namespace"] = namespace
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": "fake-token"}}],
-            "contexts": [{"name": "fake", "context": context}],
-        }))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+                    "contexts": [{"name": "fake", "context": context}],
+                }
+            )
+        )
         return path
 
     # -- controls (thread-safe)
@@ -326,7 +375,9 @@ class FakeKube:
     def delete_pod(self, name: str, ns: str = "default") -> None:
         self.do(lambda s: s.delete_pod(name, ns))
 
-    def set_pool(self, name: str, match_labels: Mapping[str, str], ports: Sequence[int], **kw: Any) -> None:
+    def set_pool(
+        self, name: str, match_labels: Mapping[str, str], ports: Sequence[int], **kw: Any
+    ) -> None:
         self.do(lambda s: s.set_pool(name, match_labels, ports, **kw))
 
     def delete_pool(self, name: str, ns: str = "default") -> None:
@@ -365,8 +416,13 @@ class FakeKube:
 
     def requests(self, verb: str | None = None, resource: str | None = None) -> int:
         """How many requests of this verb (list, watch, get) and resource were received."""
-        return self.do(lambda s: sum(1 for v, r, _ in s.requests
-                                     if (verb is None or v == verb) and (resource is None or r == resource)))
+        return self.do(
+            lambda s: sum(
+                1
+                for v, r, _ in s.requests
+                if (verb is None or v == verb) and (resource is None or r == resource)
+            )
+        )
 
     def open_watches(self) -> int:
         return self.do(lambda s: s.open_watches)
@@ -374,7 +430,9 @@ class FakeKube:
     # -- HTTP side
 
     @web.middleware
-    async def _middleware(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
         state = self._state
         assert state is not None
         parts = request.path.strip("/").split("/")
@@ -386,11 +444,15 @@ class FakeKube:
         if state.outage == "hang":
             await state.recovered.wait()
         if state.outage is not None:
-            return web.json_response(status(503, "ServiceUnavailable", "the fake API is down"), status=503)
+            return web.json_response(
+                status(503, "ServiceUnavailable", "the fake API is down"), status=503
+            )
         try:
             response: web.StreamResponse = await handler(request)
         except web.HTTPNotFound:
-            return web.json_response(status(404, "NotFound", f"no route {request.path}"), status=404)
+            return web.json_response(
+                status(404, "NotFound", f"no route {request.path}"), status=404
+            )
         return response
 
     def _one(self, resource: str) -> Callable[[web.Request], Any]:
@@ -400,7 +462,9 @@ class FakeKube:
             ns, name = request.match_info["ns"], request.match_info["name"]
             obj = state.objects.get((resource, ns, name))
             if obj is None:
-                return web.json_response(status(404, "NotFound", f'{resource} "{name}" not found'), status=404)
+                return web.json_response(
+                    status(404, "NotFound", f'{resource} "{name}" not found'), status=404
+                )
             return web.json_response(obj)
 
         return handler
@@ -424,16 +488,30 @@ class FakeKube:
 
             if request.query.get("watch", "") in ("true", "1"):
                 return await self._watch(request, resource, ns, matches)
-            items = [copy.deepcopy(o) for (r, n, _), o in sorted(state.objects.items()) if r == resource
-                     and n == ns and matches(o)]
+            items = [
+                copy.deepcopy(o)
+                for (r, n, _), o in sorted(state.objects.items())
+                if r == resource and n == ns and matches(o)
+            ]
             kind, api = kind_list(resource)
-            return web.json_response({"kind": kind, "apiVersion": api,
-                                      "metadata": {"resourceVersion": str(state.rv)}, "items": items})
+            return web.json_response(
+                {
+                    "kind": kind,
+                    "apiVersion": api,
+                    "metadata": {"resourceVersion": str(state.rv)},
+                    "items": items,
+                }
+            )
 
         return handler
 
-    async def _watch(self, request: web.Request, resource: str, ns: str,
-                     matches: Callable[[dict[str, Any] | None], bool]) -> web.StreamResponse:
+    async def _watch(
+        self,
+        request: web.Request,
+        resource: str,
+        ns: str,
+        matches: Callable[[dict[str, Any] | None], bool],
+    ) -> web.StreamResponse:
         state = self._state
         assert state is not None
         since = request.query.get("resourceVersion", "")
@@ -499,8 +577,14 @@ class FakeKube:
                     if deadline is not None and loop.time() >= deadline:
                         break
                     kind, api = _KIND[resource]
-                    await send("BOOKMARK", {"kind": kind, "apiVersion": api,
-                                            "metadata": {"resourceVersion": str(max(cursor, state.compacted))}})
+                    await send(
+                        "BOOKMARK",
+                        {
+                            "kind": kind,
+                            "apiVersion": api,
+                            "metadata": {"resourceVersion": str(max(cursor, state.compacted))},
+                        },
+                    )
                     last_sent = loop.time()
                     continue
                 try:
@@ -513,4 +597,3 @@ class FakeKube:
         finally:
             state.open_watches -= 1
         return response
-

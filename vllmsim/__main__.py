@@ -33,8 +33,9 @@ async def _run(cfg: SimConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING,
-                        format="%(asctime)s vllmsim %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s vllmsim %(levelname)s %(message)s"
+    )
     asyncio.run(_run(cfg))
     return 0
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from array import array
+import logging
 import math
 import random
 import time
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from . import tokenizer
 from .config import SimConfig, check
 from .kvcache import BlockPool
 from .stats import EngineStats
+
+log = logging.getLogger("vllmsim")
 
 
 class Status(enum.Enum):
@@ -51,16 +54,42 @@ class Request:
     """One sequence (n=1). Tokens = prompt ids followed by generated ids."""
 
     __slots__ = (
-        "rid", "lora", "tokens", "num_prompt", "max_tokens", "target_len", "natural_stop",
-        "num_computed", "block_ids", "block_hashes", "num_registered", "status",
-        "arrival", "scheduled_ts", "first_token_ts", "last_token_ts", "finished_ts",
-        "num_preemptions", "num_cached_prompt", "finish_reason", "filler_offset", "_waiter",
-        "deferred", "sink",
+        "rid",
+        "lora",
+        "tokens",
+        "num_prompt",
+        "max_tokens",
+        "target_len",
+        "natural_stop",
+        "num_computed",
+        "block_ids",
+        "block_hashes",
+        "num_registered",
+        "status",
+        "arrival",
+        "scheduled_ts",
+        "first_token_ts",
+        "last_token_ts",
+        "finished_ts",
+        "num_preemptions",
+        "num_cached_prompt",
+        "finish_reason",
+        "filler_offset",
+        "_waiter",
+        "deferred",
+        "sink",
     )
 
-    def __init__(self, rid: str, prompt_ids: Sequence[int], max_tokens: int,
-                 target_len: int, natural_stop: bool, lora: str | None = None,
-                 filler_offset: int = 0) -> None:
+    def __init__(
+        self,
+        rid: str,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        target_len: int,
+        natural_stop: bool,
+        lora: str | None = None,
+        filler_offset: int = 0,
+    ) -> None:
         if not prompt_ids:
             raise ValueError("empty prompt")
         self.rid = rid
@@ -163,13 +192,36 @@ class Engine:
         self.max_lag = 0.0
         self.resyncs = 0
         self.busy_wall = 0.0
+        # KV events (vllmsim/kv_events.py): the pool records, each step hands them to the sink.
+        self.kv_event_sink: Callable[[list[tuple[object, ...]]], None] | None = None
+
+    def enable_kv_events(self, sink: Callable[[list[tuple[object, ...]]], None]) -> None:
+        self.kv_event_sink = sink
+        self.pool.events = []
+
+    def flush_kv_events(self) -> None:
+        """Hand this step's stores/evictions/resets to the sink as one batch (vLLM: per step)."""
+        events = self.pool.events
+        if events and self.kv_event_sink is not None:
+            self.pool.events = []
+            try:
+                self.kv_event_sink(events)
+            except Exception:  # noqa: BLE001 - a broken publisher must not stop the engine
+                log.exception("publishing KV events failed")
 
     # ---- request lifecycle -------------------------------------------------------------------
-    def make_request(self, rid: str, prompt_ids: Sequence[int], max_tokens: int,
-                     ignore_eos: bool, lora: str | None = None) -> Request:
+    def make_request(
+        self,
+        rid: str,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        ignore_eos: bool,
+        lora: str | None = None,
+    ) -> Request:
         """Build a request whose natural length is a deterministic function of prompt + seed."""
         digest = xxhash.xxh3_64_intdigest(
-            _ids_bytes(prompt_ids), seed=self._rng_seed & 0xFFFFFFFFFFFFFFFF)
+            _ids_bytes(prompt_ids), seed=self._rng_seed & 0xFFFFFFFFFFFFFFFF
+        )
         if ignore_eos:
             target, natural = max_tokens, False
         else:
@@ -179,8 +231,15 @@ class Engine:
                 target, natural = natural_len, True
             else:
                 target, natural = max_tokens, False
-        return Request(rid, prompt_ids, max_tokens, target, natural, lora,
-                       filler_offset=digest % len(tokenizer.FILLER_IDS))
+        return Request(
+            rid,
+            prompt_ids,
+            max_tokens,
+            target,
+            natural,
+            lora,
+            filler_offset=digest % len(tokenizer.FILLER_IDS),
+        )
 
     def add_request(self, req: Request) -> None:
         req.arrival = self.clock()
@@ -222,7 +281,7 @@ class Engine:
         n_full = len(tokens) // bs
         parent = hashes[-1] if hashes else self._root(req.lora)
         for i in range(len(hashes), n_full):
-            parent = tokenizer.hash_block(parent, tokens[i * bs:(i + 1) * bs])
+            parent = tokenizer.hash_block(parent, tokens[i * bs : (i + 1) * bs])
             hashes.append(parent)
 
     # ---- scheduling --------------------------------------------------------------------------
@@ -288,11 +347,13 @@ class Engine:
             if skipped:
                 waiting.extendleft(reversed(skipped))
 
-        plan.duration = (cfg.step_time_base
-                         + plan.prefill_tokens * cfg.prefill_token_time
-                         + plan.decode_seqs * cfg.decode_seq_time
-                         + plan.decode_ctx_tokens * cfg.decode_ctx_token_time
-                         + plan.lora_loads * cfg.lora_load_time)
+        plan.duration = (
+            cfg.step_time_base
+            + plan.prefill_tokens * cfg.prefill_token_time
+            + plan.decode_seqs * cfg.decode_seq_time
+            + plan.decode_ctx_tokens * cfg.decode_ctx_token_time
+            + plan.lora_loads * cfg.lora_load_time
+        )
         return plan
 
     @staticmethod
@@ -420,9 +481,41 @@ class Engine:
         if n_full > len(req.block_hashes):
             self._extend_hashes(req)
         pool = self.pool
-        for k in range(req.num_registered, n_full):
-            pool.register(req.block_ids[k], req.block_hashes[k])
+        if pool.events is None:
+            for k in range(req.num_registered, n_full):
+                pool.register(req.block_ids[k], req.block_hashes[k])
+        else:
+            # One BlockStored per run of newly cached blocks (a block whose content another
+            # block already holds is not new: vLLM's event would name it again, harmlessly).
+            run = -1
+            for k in range(req.num_registered, n_full):
+                if pool.register(req.block_ids[k], req.block_hashes[k]):
+                    if run < 0:
+                        run = k
+                elif run >= 0:
+                    self._stored_event(req, run, k)
+                    run = -1
+            if run >= 0:
+                self._stored_event(req, run, n_full)
         req.num_registered = n_full
+
+    def _stored_event(self, req: Request, start: int, end: int) -> None:
+        bs = self._bs
+        lora_id = (
+            self.cfg.lora_names.index(req.lora) + 1 if req.lora in self.cfg.lora_names else None
+        )
+        assert self.pool.events is not None
+        self.pool.events.append(
+            (
+                "stored",
+                req.block_hashes[start:end],
+                req.block_hashes[start - 1] if start else None,
+                req.tokens[start * bs : end * bs],
+                bs,
+                req.lora,
+                lora_id,
+            )
+        )
 
     def _first_token(self, req: Request, end: float) -> None:
         stats = self.stats
@@ -451,7 +544,8 @@ class Engine:
         h["vllm:request_prefill_time_seconds"].observe(first - sched)
         h["vllm:request_decode_time_seconds"].observe(decode_time)
         h["vllm:request_time_per_output_token_seconds"].observe(
-            decode_time / (n_out - 1) if n_out > 1 else 0.0)
+            decode_time / (n_out - 1) if n_out > 1 else 0.0
+        )
         h["vllm:request_prompt_tokens"].observe(req.num_prompt)
         h["vllm:request_generation_tokens"].observe(n_out)
         h["vllm:request_max_num_generation_tokens"].observe(req.max_tokens)
@@ -478,6 +572,7 @@ class Engine:
         plan = self.schedule(start)
         self.now = start + plan.duration
         self.complete(plan, self.now)
+        self.flush_kv_events()
         return plan
 
     def gauges(self) -> tuple[int, int, int, float]:
@@ -523,6 +618,7 @@ class Engine:
                 self.max_lag = lag
             self.now = end
             self.complete(plan, end)
+            self.flush_kv_events()
             self.busy_wall += time.perf_counter() - t1
 
 

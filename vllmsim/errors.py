@@ -5,8 +5,12 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
-          503: "ServiceUnavailableError"}
+_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
 
 
 class ApiError(Exception):
@@ -21,6 +25,12 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, param: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "BadRequestError"),
-                      "param": param, "code": status}}
+    body = {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "BadRequestError"),
+            "param": param,
+            "code": status,
+        }
+    }
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")

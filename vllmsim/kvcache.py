@@ -9,6 +9,8 @@
   head, so the least recently freed cached block is evicted first (LRU). A request's blocks are
   freed tail-first, so the end of a sequence is evicted before its (more shareable) start.
 - A cache hit on a block sitting in the free queue pulls it out (ref count 0 -> 1).
+- With KV events on (``events`` is a list), evictions and resets are recorded there in order
+  (the engine adds the stores), for vllmsim/kv_events.py to publish once per step.
 """
 
 from __future__ import annotations
@@ -18,8 +20,17 @@ from collections.abc import Iterable, Sequence
 
 
 class BlockPool:
-    __slots__ = ("num_gpu_blocks", "block_size", "enable_caching", "ref", "block_hash",
-                 "free", "cached", "evictions")
+    __slots__ = (
+        "block_hash",
+        "block_size",
+        "cached",
+        "enable_caching",
+        "events",
+        "evictions",
+        "free",
+        "num_gpu_blocks",
+        "ref",
+    )
 
     def __init__(self, num_gpu_blocks: int, block_size: int, enable_caching: bool = True) -> None:
         if num_gpu_blocks < 2:
@@ -33,6 +44,7 @@ class BlockPool:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_gpu_blocks))
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.evictions = 0
+        self.events: list[tuple[object, ...]] | None = None  # KV events of this step, if on
 
     # ---- queries -----------------------------------------------------------------------
     @property
@@ -88,6 +100,8 @@ class BlockPool:
             if h is not None:  # evict: this block's content is about to be overwritten
                 if cached.get(h) == b:
                     del cached[h]
+                    if self.events is not None:
+                        self.events.append(("removed", h))
                 block_hash[b] = None
                 self.evictions += 1
             ref[b] = 1
@@ -104,17 +118,23 @@ class BlockPool:
                 # so eviction order matches the real engine.
                 free[b] = None
 
-    def register(self, block_id: int, h: int) -> None:
-        """Mark a full, computed block as reusable under hash ``h``."""
+    def register(self, block_id: int, h: int) -> bool:
+        """Mark a full, computed block as reusable under hash ``h``; False if it was not new."""
         if not self.enable_caching:
-            return
+            return False
         if h in self.cached:  # another block already holds this content; keep the first
-            return
+            return False
         self.cached[h] = block_id
         self.block_hash[block_id] = h
+        return True
 
-    def reset_prefix_cache(self) -> None:
-        for h, b in list(self.cached.items()):
-            if self.ref[b] == 0:
-                del self.cached[h]
-                self.block_hash[b] = None
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block, like vLLM: refused (False) while any block is in use."""
+        if self.num_used:
+            return False
+        for b in self.cached.values():
+            self.block_hash[b] = None
+        self.cached.clear()
+        if self.events is not None:
+            self.events.append(("cleared",))
+        return True

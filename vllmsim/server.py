@@ -23,10 +23,11 @@ import orjson
 from aiohttp import HttpVersion11, web
 
 from . import protocol, tokenizer
-from .config import SimConfig
+from .config import SimConfig, kv_events_settings
 from .engine import Engine, Request, Status
 from .errors import ApiError, error_response
 from .exposition import CONTENT_TYPE, Exposition, HttpStats
+from .kv_events import KvEventPublisher
 
 log = logging.getLogger("vllmsim")
 
@@ -48,6 +49,7 @@ class Simulator:
         self.pod = cfg.pod_name
         self.accepted = 0
         self.task: asyncio.Task[None] | None = None
+        self.kv_publisher: KvEventPublisher | None = None
 
     def uptime(self) -> float:
         return time.monotonic() - self.started
@@ -67,9 +69,9 @@ def _crash(reason: str) -> None:
 
 # ---- middleware / signals ---------------------------------------------------------------------
 @web.middleware
-async def instrument(request: web.Request,
-                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                     ) -> web.StreamResponse:
+async def instrument(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     path = request.path
     if path not in _INSTRUMENTED:
         return await handler(request)
@@ -83,8 +85,14 @@ async def instrument(request: web.Request,
         return resp
     finally:
         size = resp.content_length if isinstance(resp, web.Response) else None
-        sim.http.record(path, request.method, status, request.content_length or 0, size or 0,
-                        (time.perf_counter() - t0) * sim.cfg.time_scale)
+        sim.http.record(
+            path,
+            request.method,
+            status,
+            request.content_length or 0,
+            size or 0,
+            (time.perf_counter() - t0) * sim.cfg.time_scale,
+        )
 
 
 async def _add_pod_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -120,8 +128,9 @@ async def metrics(request: web.Request) -> web.Response:
         return web.Response(status=503, text="metrics not ready\n")
     if cfg.metrics_fail_rate > 0 and sim.rng.random() < cfg.metrics_fail_rate:
         return web.Response(status=500, text="injected /metrics failure\n")
-    return web.Response(body=sim.exposition.render().encode(),
-                        headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(
+        body=sim.exposition.render().encode(), headers={"Content-Type": CONTENT_TYPE}
+    )
 
 
 async def models(request: web.Request) -> web.Response:
@@ -132,21 +141,39 @@ async def models(request: web.Request) -> web.Response:
     created = int(time.time())
 
     def card(name: str, root: str, parent: str | None, max_len: int | None) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": created, "owned_by": "vllm",
-                "root": root, "parent": parent, "max_model_len": max_len,
-                "permission": [{"id": f"modelperm-{name}", "object": "model_permission",
-                                "created": created, "allow_create_engine": False,
-                                "allow_sampling": True, "allow_logprobs": True,
-                                "allow_search_indices": False, "allow_view": True,
-                                "allow_fine_tuning": False, "organization": "*", "group": None,
-                                "is_blocking": False}]}
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": root,
+            "parent": parent,
+            "max_model_len": max_len,
+            "permission": [
+                {
+                    "id": f"modelperm-{name}",
+                    "object": "model_permission",
+                    "created": created,
+                    "allow_create_engine": False,
+                    "allow_sampling": True,
+                    "allow_logprobs": True,
+                    "allow_search_indices": False,
+                    "allow_view": True,
+                    "allow_fine_tuning": False,
+                    "organization": "*",
+                    "group": None,
+                    "is_blocking": False,
+                }
+            ],
+        }
 
     data = [card(cfg.model, cfg.model, None, cfg.max_model_len)]
     for module in cfg.lora_modules:
         name, _, path = module.partition("=")
         data.append(card(name, path or name, cfg.model, None))
-    return web.Response(body=orjson.dumps({"object": "list", "data": data}),
-                        content_type="application/json")
+    return web.Response(
+        body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
+    )
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -191,7 +218,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         make = protocol.chat_body if chat else protocol.completion_body
         return web.Response(
             body=make(rid, p.model, text, req.finish_reason or "abort", req.num_prompt, n),
-            content_type="application/json", headers=echo)
+            content_type="application/json",
+            headers=echo,
+        )
     except BaseException:
         engine.abort(req)  # client went away (cancelled) or we failed: free the KV blocks
         raise
@@ -201,8 +230,9 @@ def _ignore_token(req: Request) -> None:
     pass
 
 
-async def _stream(request: web.Request, req: Request, p: protocol.ParsedRequest,
-                  rid: str, echo: dict[str, str]) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, req: Request, p: protocol.ParsedRequest, rid: str, echo: dict[str, str]
+) -> web.StreamResponse:
     """SSE like vLLM: one chunk per engine step, finish_reason on the last text chunk, an
     optional usage chunk, then ``data: [DONE]``.
 
@@ -242,7 +272,8 @@ async def _stream(request: web.Request, req: Request, p: protocol.ParsedRequest,
                 raise ConnectionResetError("client disconnected")
             if req.sink is None and req.num_output > sent:
                 sink_data = fmt.text_chunk(
-                    tokenizer.filler_text(offset, sent, req.num_output - sent), None)
+                    tokenizer.filler_text(offset, sent, req.num_output - sent), None
+                )
                 if sent == 0 and p.chat:
                     sink_data = fmt.role_chunk() + sink_data
                 sent = req.num_output
@@ -253,8 +284,7 @@ async def _stream(request: web.Request, req: Request, p: protocol.ParsedRequest,
         n = req.num_output
         tail = b""
         if n > sent and req.status is Status.FINISHED:
-            tail = fmt.text_chunk(tokenizer.filler_text(offset, sent, n - sent),
-                                  req.finish_reason)
+            tail = fmt.text_chunk(tokenizer.filler_text(offset, sent, n - sent), req.finish_reason)
             if sent == 0 and p.chat:
                 tail = fmt.role_chunk() + tail
         if p.include_usage:
@@ -268,6 +298,16 @@ async def _stream(request: web.Request, req: Request, p: protocol.ParsedRequest,
         engine.abort(req)
         raise
     return resp
+
+
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    """vLLM's dev-mode route: forget the prefix cache (an AllBlocksCleared event); refused with
+    400 while requests hold blocks, as vLLM refuses (it answers 200 there but does nothing)."""
+    engine = request.app[SIM_KEY].engine
+    if not engine.pool.reset_prefix_cache():
+        return web.Response(status=400, text="prefix cache in use; not reset\n")
+    engine.flush_kv_events()
+    return web.Response(status=200)
 
 
 async def sim_stats(request: web.Request) -> web.Response:
@@ -285,20 +325,46 @@ async def sim_stats(request: web.Request) -> web.Response:
         return lags[min(len(lags) - 1, int(q * len(lags)))] if lags else 0.0
 
     running, waiting, deferred, usage = eng.gauges()
-    return web.json_response({
-        "pod": sim.pod, "uptime_s": sim.uptime(), "steps": eng.stats.steps,
-        "lag_wall_s": {"p50": pct(0.5), "p99": pct(0.99), "max": eng.max_lag,
-                       "samples": len(lags)},
-        "resyncs": eng.resyncs, "engine_busy_wall_s": eng.busy_wall,
-        "running": running, "waiting": waiting + deferred, "kv_cache_usage": usage,
-        "kv_used_blocks": eng.pool.num_used, "prefix_cached_blocks": len(eng.pool.cached),
-        "evictions": eng.pool.evictions, "preemptions": eng.stats.preemptions,
-        "lora_loads": eng.stats.lora_loads, "loaded_loras": list(eng.loaded_loras),
-        "generation_tokens": eng.stats.generation_tokens,
-    })
+    return web.json_response(
+        {
+            "pod": sim.pod,
+            "uptime_s": sim.uptime(),
+            "steps": eng.stats.steps,
+            "lag_wall_s": {
+                "p50": pct(0.5),
+                "p99": pct(0.99),
+                "max": eng.max_lag,
+                "samples": len(lags),
+            },
+            "resyncs": eng.resyncs,
+            "engine_busy_wall_s": eng.busy_wall,
+            "running": running,
+            "waiting": waiting + deferred,
+            "kv_cache_usage": usage,
+            "kv_used_blocks": eng.pool.num_used,
+            "prefix_cached_blocks": len(eng.pool.cached),
+            "evictions": eng.pool.evictions,
+            "preemptions": eng.stats.preemptions,
+            "lora_loads": eng.stats.lora_loads,
+            "loaded_loras": list(eng.loaded_loras),
+            "generation_tokens": eng.stats.generation_tokens,
+            "kv_events": None
+            if sim.kv_publisher is None
+            else {
+                "endpoint": sim.kv_publisher.settings.endpoint,
+                "batches": sim.kv_publisher.batches,
+                "events": sim.kv_publisher.events,
+                "next_seq": sim.kv_publisher.seq,
+            },
+        }
+    )
 
 
-_RUNTIME_FAULTS = {"metrics_latency": (0.0, 3600.0), "metrics_fail_rate": (0.0, 1.0), "fail_rate": (0.0, 1.0)}
+_RUNTIME_FAULTS = {
+    "metrics_latency": (0.0, 3600.0),
+    "metrics_fail_rate": (0.0, 1.0),
+    "fail_rate": (0.0, 1.0),
+}
 
 
 async def sim_faults(request: web.Request) -> web.Response:
@@ -319,12 +385,16 @@ async def sim_faults(request: web.Request) -> web.Response:
                 if key not in _RUNTIME_FAULTS:
                     raise ValueError(f"unknown fault {key!r}; valid: {', '.join(_RUNTIME_FAULTS)}")
                 lo, hi = _RUNTIME_FAULTS[key]
-                if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, int | float)
+                    or not lo <= value <= hi
+                ):
                     raise ValueError(f"{key} must be a number in [{lo}, {hi}]")
                 changes[key] = float(value)
         except ValueError as exc:  # includes JSON decode errors
             return error_response(400, str(exc))
-        sim.cfg = replace(sim.cfg, **changes)
+        sim.cfg = replace(sim.cfg, **changes)  # type: ignore[arg-type]  # keys checked against _RUNTIME_FAULTS
         log.warning("faults changed at run time: %s", changes)
     return web.json_response({k: getattr(sim.cfg, k) for k in _RUNTIME_FAULTS})
 
@@ -332,6 +402,12 @@ async def sim_faults(request: web.Request) -> web.Response:
 # ---- app ------------------------------------------------------------------------------------
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     sim = app[SIM_KEY]
+    publisher = None
+    settings = kv_events_settings(sim.cfg)
+    if settings is not None:  # bound before the API answers: no event is lost to a late bind
+        publisher = KvEventPublisher(settings)
+        sim.engine.enable_kv_events(publisher.publish)
+        sim.kv_publisher = publisher
     sim.task = asyncio.create_task(sim.engine.run(), name="vllmsim-engine")
 
     def _died(task: asyncio.Task[None]) -> None:
@@ -344,7 +420,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     crash = None
     if sim.cfg.crash_after > 0:
         crash = asyncio.get_running_loop().call_later(
-            sim.cfg.crash_after, _crash, f"{sim.cfg.crash_after}s (--crash-after)")
+            sim.cfg.crash_after, _crash, f"{sim.cfg.crash_after}s (--crash-after)"
+        )
     yield
     if crash is not None:
         crash.cancel()
@@ -353,6 +430,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         await sim.task
     except asyncio.CancelledError:
         pass
+    if publisher is not None:
+        publisher.close()
 
 
 def build_app(cfg: SimConfig) -> web.Application:
@@ -368,6 +447,7 @@ def build_app(cfg: SimConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/sim/stats", sim_stats)
     app.router.add_route("*", "/sim/faults", sim_faults)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     return app
 
 

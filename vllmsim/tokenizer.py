@@ -28,9 +28,38 @@ _CACHE_LIMIT = 200_000
 # Filler vocabulary for generated text: every entry is a single token under the rules above,
 # so re-tokenising a response (e.g. in the next chat turn) reproduces the generated ids.
 FILLER_WORDS: tuple[str, ...] = (
-    " the", " of", " and", " to", " in", " is", " it", " that", " for", " on", " was",
-    " with", " as", " at", " by", " we", " be", " or", " an", " are", " not", " but",
-    " all", " can", " one", " you", " new", " has", " its", " may", " out", " use",
+    " the",
+    " of",
+    " and",
+    " to",
+    " in",
+    " is",
+    " it",
+    " that",
+    " for",
+    " on",
+    " was",
+    " with",
+    " as",
+    " at",
+    " by",
+    " we",
+    " be",
+    " or",
+    " an",
+    " are",
+    " not",
+    " but",
+    " all",
+    " can",
+    " one",
+    " you",
+    " new",
+    " has",
+    " its",
+    " may",
+    " out",
+    " use",
 )
 
 _piece_ids: dict[str, int] = {}
@@ -66,7 +95,8 @@ def _content_text(content: Any) -> str:
         return content
     if isinstance(content, list):  # OpenAI content parts; only text parts carry tokens here
         return "".join(
-            str(part.get("text", "")) for part in content
+            str(part.get("text", ""))
+            for part in content
             if isinstance(part, Mapping) and part.get("type") == "text"
         )
     raise TypeError("message content must be a string or a list of content parts")

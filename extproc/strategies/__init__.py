@@ -1,46 +1,53 @@
-"""Built-in strategies, registered explicitly here (no import side effects).
+"""Routing profiles (the API's "strategies"): scorers with weights plus a picker.
 
-Adding a strategy: write one module exposing an object that satisfies
-:class:`~extproc.strategies.base.Strategy`, then add it to ``_BUILTINS`` below.
+- ``base.py``: request facts, the decision context (with the in-flight correction), scores,
+  reasons;
+- ``scorers/``: one scorer per module, registered by being there;
+- ``pickers.py``: how scores become one backend;
+- ``profile.py``: how a profile combines them; ``profiles.py``: every built-in profile, and the
+  loader that adds/overrides profiles from ``--config``.
 """
 
 from __future__ import annotations
 
-from extproc.strategies import (
-    least_kv_cache,
-    least_latency,
-    least_request,
-    prefix_cache,
-    session,
-    throughput,
-    weighted,
-)
-from extproc.strategies.base import LowestCost, RequestFacts, Strategy, Weights, pick_lowest
-from extproc.strategies.random_pick import RandomPick
-from extproc.strategies.round_robin import RoundRobin
+from collections.abc import Mapping
+from types import MappingProxyType
 
-_BUILTINS: tuple[Strategy, ...] = (
-    RandomPick(),
-    RoundRobin(),
-    least_request.STRATEGY,
-    throughput.STRATEGY,
-    least_kv_cache.STRATEGY,
-    least_latency.STRATEGY,
-    prefix_cache.STRATEGY,
-    session.STRATEGY,
-    weighted.STRATEGY,
+from extproc.strategies.base import Context, Reason, RequestFacts, Scorer, Scores, request_loads
+from extproc.strategies.pickers import PICKERS
+from extproc.strategies.profile import Profile
+from extproc.strategies.profiles import BUILTIN, ProfileError, load_profiles
+from extproc.strategies.scorers import SCORERS
+
+# The built-in profiles, as every request sees them unless --config or a route changes them.
+STRATEGIES: Mapping[str, Profile] = MappingProxyType(load_profiles())
+# Load-blind profiles that need nothing from the request: usable as --fallback.
+FALLBACKS: Mapping[str, Profile] = MappingProxyType(
+    {n: STRATEGIES[n] for n in ("random", "round-robin")}
 )
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in _BUILTINS}
-# Load-blind strategies that need nothing from the request: usable as --fallback.
-FALLBACKS: dict[str, Strategy] = {s.name: s for s in _BUILTINS if s.name in ("random", "round-robin")}
 
-
-def get_strategy(name: str) -> Strategy:
+def get_strategy(name: str, profiles: Mapping[str, Profile] = STRATEGIES) -> Profile:
     try:
-        return STRATEGIES[name]
+        return profiles[name]
     except KeyError:
-        raise KeyError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}") from None
+        raise KeyError(f"unknown strategy {name!r}; valid: {', '.join(profiles)}") from None
 
 
-__all__ = ["FALLBACKS", "STRATEGIES", "LowestCost", "RequestFacts", "Strategy", "Weights", "get_strategy", "pick_lowest"]
+__all__ = [
+    "BUILTIN",
+    "FALLBACKS",
+    "PICKERS",
+    "SCORERS",
+    "STRATEGIES",
+    "Context",
+    "Profile",
+    "ProfileError",
+    "Reason",
+    "RequestFacts",
+    "Scorer",
+    "Scores",
+    "get_strategy",
+    "load_profiles",
+    "request_loads",
+]

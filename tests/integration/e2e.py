@@ -38,8 +38,15 @@ class Routed:
         return orjson.loads(self.body)
 
 
-def chat_body(text: str = "hello", *, model: str = MODEL, max_tokens: int = 4, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, **extra}
+def chat_body(
+    text: str = "hello", *, model: str = MODEL, max_tokens: int = 4, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        **extra,
+    }
 
 
 async def post(
@@ -51,9 +58,13 @@ async def post(
     headers: dict[str, str] | None = None,
     timeout: float = 30,
 ) -> Routed:
-    data = body if isinstance(body, bytes) else orjson.dumps(body if body is not None else chat_body())
+    data = (
+        body if isinstance(body, bytes) else orjson.dumps(body if body is not None else chat_body())
+    )
     hdrs = {"content-type": "application/json", **(headers or {})}
-    async with session.post(url + path, data=data, headers=hdrs, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+    async with session.post(
+        url + path, data=data, headers=hdrs, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as r:
         return Routed(r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read())
 
 
@@ -62,7 +73,9 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
         return orjson.loads(await r.read())
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = 10.0, interval: float = 0.05) -> Any:
+async def eventually(
+    check: Callable[[], Awaitable[Any]], *, timeout: float = 10.0, interval: float = 0.05
+) -> Any:
     """Poll ``check`` until it returns something truthy (returned), or fail at the deadline."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -74,7 +87,9 @@ async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = 10
     raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
 
 
-async def backend_view(session: aiohttp.ClientSession, admin_url: str, endpoint: str) -> dict[str, Any]:
+async def backend_view(
+    session: aiohttp.ClientSession, admin_url: str, endpoint: str
+) -> dict[str, Any]:
     data = await get_json(session, admin_url + "/backends")
     return next(b for b in data["backends"] if b["endpoint"] == endpoint)
 
@@ -100,13 +115,19 @@ async def ok_scrapes(session: aiohttp.ClientSession, admin_url: str) -> float:
     )
 
 
-async def envoy_routes_to(session: aiohttp.ClientSession, envoy_admin_url: str, endpoint: str) -> bool:
+async def envoy_routes_to(
+    session: aiohttp.ClientSession, envoy_admin_url: str, endpoint: str
+) -> bool:
     """Envoy itself considers the host usable (its active health check / outlier detection).
 
     A pick Envoy holds unhealthy is skipped for the next host of the list, so a test about where
     picks land must wait for Envoy's view too, not only the service's.
     """
-    async with session.get(envoy_admin_url + "/clusters", timeout=aiohttp.ClientTimeout(total=10)) as r:
+    async with session.get(
+        envoy_admin_url + "/clusters", timeout=aiohttp.ClientTimeout(total=10)
+    ) as r:
         text = await r.text()
-    flags = [ln.rsplit("::", 1)[1] for ln in text.splitlines() if f"::{endpoint}::health_flags::" in ln]
+    flags = [
+        ln.rsplit("::", 1)[1] for ln in text.splitlines() if f"::{endpoint}::health_flags::" in ln
+    ]
     return bool(flags) and all(f == "healthy" for f in flags)

@@ -31,10 +31,15 @@ def _ports(n: int) -> list[int]:
 
 
 def _chat(url: str) -> tuple[int, str]:
-    body = json.dumps({"model": "tiny-llama", "max_tokens": 2,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
-    req = urllib.request.Request(url + "/v1/chat/completions", data=body, method="POST",
-                                 headers={"content-type": "application/json"})
+    body = json.dumps(
+        {"model": "tiny-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    req = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=body,
+        method="POST",
+        headers={"content-type": "application/json"},
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(req, timeout=10) as resp:
         return resp.status, resp.headers.get("x-inference-pod", "")
@@ -50,17 +55,38 @@ def test_make_run_reports_dead_children_and_keeps_serving(tmp_path: Path) -> Non
     log_dir = tmp_path / "logs"
     with out.open("wb") as fo, err.open("wb") as fe:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "devstack", "--backends", "2", "--first-sim-port", str(sim1),
-             "--grpc-port", str(grpc), "--service-admin-port", str(admin),
-             "--envoy-port", str(envoy), "--envoy-admin-port", str(envoy_admin),
-             "--log-dir", str(log_dir), "--envoy-concurrency", "1"],
-            cwd=ROOT, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "devstack",
+                "--backends",
+                "2",
+                "--first-sim-port",
+                str(sim1),
+                "--grpc-port",
+                str(grpc),
+                "--service-admin-port",
+                str(admin),
+                "--envoy-port",
+                str(envoy),
+                "--envoy-admin-port",
+                str(envoy_admin),
+                "--log-dir",
+                str(log_dir),
+                "--envoy-concurrency",
+                "1",
+            ],
+            cwd=ROOT,
+            stdout=fo,
+            stderr=fe,
+            stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     url = f"http://127.0.0.1:{envoy}"
     try:
-        poll_until(lambda: "LLM gateway ready" in out.read_text(), timeout=60,
-                   what="the ready banner")
+        poll_until(
+            lambda: "LLM gateway ready" in out.read_text(), timeout=60, what="the ready banner"
+        )
         assert "restarted automatically" in out.read_text()
         assert _chat(url)[0] == 200
 
@@ -69,9 +95,14 @@ def test_make_run_reports_dead_children_and_keeps_serving(tmp_path: Path) -> Non
         assert sim_pids, "simulator 2 not found"
         for pid in sim_pids:
             os.kill(pid, signal.SIGKILL)
-        poll_until(lambda: f"vLLM simulator 2 (vllmsim-{sim2}, pid" in err.read_text()
-                   and "killed by SIGKILL" in err.read_text(), timeout=15,
-                   what="the death report on the terminal")
+        poll_until(
+            lambda: (
+                f"vLLM simulator 2 (vllmsim-{sim2}, pid" in err.read_text()
+                and "killed by SIGKILL" in err.read_text()
+            ),
+            timeout=15,
+            what="the death report on the terminal",
+        )
         text = err.read_text()
         assert "still running: vLLM simulator 1" in text
         assert proc.poll() is None, "devstack must not stop because a child died"
@@ -86,8 +117,9 @@ def test_make_run_reports_dead_children_and_keeps_serving(tmp_path: Path) -> Non
         # The service dies: reported and restarted.
         for pid in _pids_listening(admin):
             os.kill(pid, signal.SIGKILL)
-        poll_until(lambda: "service restarted" in err.read_text(), timeout=40,
-                   what="the service restart")
+        poll_until(
+            lambda: "service restarted" in err.read_text(), timeout=40, what="the service restart"
+        )
         poll_until(lambda: _chat(url)[0] == 200, timeout=15, what="serving after the restart")
         assert proc.poll() is None
     finally:

@@ -77,8 +77,12 @@ def _rendered_variants() -> dict[str, str]:
         # The compose file with failure_mode_allow: false (docs/envoy.md, "Fail-closed").
         "rendered-compose-fail-closed": render_fail_closed(),
         # The gateways' own styles as devstack runs them (docs/envoy.md, "Gateway configs").
-        "rendered-gie-reference": render_local_config(**common, template=ENVOY_DIR / "gie-reference.yaml"),
-        "rendered-istio-style": render_local_config(**common, template=ENVOY_DIR / "istio-style.yaml"),
+        "rendered-gie-reference": render_local_config(
+            **common, template=ENVOY_DIR / "gie-reference.yaml"
+        ),
+        "rendered-istio-style": render_local_config(
+            **common, template=ENVOY_DIR / "istio-style.yaml"
+        ),
     }
 
 
@@ -174,7 +178,9 @@ def test_direct_listener_is_same_hcm_without_ext_proc() -> None:
         for r in hcm["route_config"]["virtual_hosts"][0]["routes"]:
             if "route" in r:  # (the catch-all 404 is a direct_response, no cluster)
                 r["route"].pop("cluster")
-            r.pop("typed_per_filter_config", None)  # ext_proc per-route overrides: no ext_proc there
+            r.pop(
+                "typed_per_filter_config", None
+            )  # ext_proc per-route overrides: no ext_proc there
     assert a == b
     eps = clusters[DIRECT_CLUSTER]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in eps] == [20004]

@@ -94,8 +94,10 @@ def test_failure_and_limit_knobs() -> None:
         listener_port=1, admin_port=2, grpc_ports=[3, 4], backends=[("127.0.0.1", 5)]
     )
     eps = {c["name"]: c for c in two["static_resources"]["clusters"]}["extproc"]
-    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
-             for e in eps["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    ports = [
+        e["endpoint"]["address"]["socket_address"]["port_value"]
+        for e in eps["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
     assert ports == [3, 4]
     with pytest.raises(ValueError):
         render_local_config_dict(listener_port=1, admin_port=2, backends=[("127.0.0.1", 5)])
@@ -181,8 +183,9 @@ web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 def start_hangable_backend(log_dir: Path) -> tuple[Proc, int]:
     port = free_port()
-    proc = Proc(f"hangable-{port}", [sys.executable, "-c", HANGABLE_BACKEND, str(port)],
-                log_dir=log_dir)
+    proc = Proc(
+        f"hangable-{port}", [sys.executable, "-c", HANGABLE_BACKEND, str(port)], log_dir=log_dir
+    )
     proc.ready_check = lambda: http_get(f"http://127.0.0.1:{port}/health")[0] == 200
     proc.ready_what = f"hangable backend on {port}"
     return proc.wait_ready(), port
@@ -234,10 +237,21 @@ def world(tmp_path_factory: pytest.TempPathFactory, envoy_bin: str) -> Iterator[
             extproc_address=("127.0.0.1", grpc_port),
             backends=[("127.0.0.1", p) for p in [*backends.ports, hport, *dead]],
         )
-        envoy = start_envoy(config, log_dir=log_dir, admin_port=admin, concurrency=1,
-                            log_level="info")
-        w = World(loop, servicer, backends, hangable, hport, dead,
-                  f"http://127.0.0.1:{listener}", f"http://127.0.0.1:{admin}", grpc_port, named)
+        envoy = start_envoy(
+            config, log_dir=log_dir, admin_port=admin, concurrency=1, log_level="info"
+        )
+        w = World(
+            loop,
+            servicer,
+            backends,
+            hangable,
+            hport,
+            dead,
+            f"http://127.0.0.1:{listener}",
+            f"http://127.0.0.1:{admin}",
+            grpc_port,
+            named,
+        )
         w.named["H"] = hport
         w.named["D1"], w.named["D2"] = dead
         yield w
@@ -308,7 +322,7 @@ def health_flags(admin_url: str, cluster: str, endpoint: str) -> str:
     prefix = f"{cluster}::{endpoint}::health_flags::"
     for line in text.splitlines():
         if line.startswith(prefix):
-            return line[len(prefix):]
+            return line[len(prefix) :]
     raise AssertionError(f"{endpoint} not in cluster {cluster}")
 
 
@@ -365,13 +379,16 @@ async def test_a_dead_pick_not_yet_known_dead_is_retried_on_the_next_listed(
     # pick again (the router drops the upstream override host on retries).
     listener, admin = free_port(), free_port()
     cfg = render_local_config_dict(
-        listener_port=listener, admin_port=admin, extproc_address=("127.0.0.1", world.grpc_port),
+        listener_port=listener,
+        admin_port=admin,
+        extproc_address=("127.0.0.1", world.grpc_port),
         backends=[("127.0.0.1", p) for p in [*world.backends.ports, *world.dead]],
     )
     for cluster in cfg["static_resources"]["clusters"]:
         cluster.pop("health_checks", None)
-    envoy = await asyncio.to_thread(start_envoy, yaml.safe_dump(cfg), log_dir=tmp_path,
-                                    admin_port=admin, concurrency=1)
+    envoy = await asyncio.to_thread(
+        start_envoy, yaml.safe_dump(cfg), log_dir=tmp_path, admin_port=admin, concurrency=1
+    )
     try:
         ranked = f"{world.ep('D1')},{world.ep('B')},{world.ep('C')}"
         for _ in range(4):
@@ -449,7 +466,9 @@ async def test_a_backend_answering_500_is_ejected(world: World) -> None:
     checks = "cluster.vllm.health_check.success"
     seen = stats(world.admin_url, "health_check.success")[checks]
     deadline = time.monotonic() + 10
-    while stats(world.admin_url, "health_check.success")[checks] < seen + 3 * len(world.backends.ports):
+    while stats(world.admin_url, "health_check.success")[checks] < seen + 3 * len(
+        world.backends.ports
+    ):
         assert time.monotonic() < deadline, "health checks stopped"
         r = await send(world.url, pick=f"{bad},{alt}")
         assert r.status == 200 and r.port == world.named["G"]
@@ -460,19 +479,42 @@ async def test_a_backend_answering_500_is_ejected(world: World) -> None:
 
 
 NOT_PUBLIC = [
-    ("GET", "/metrics"), ("GET", "/health"), ("GET", "/ping"), ("GET", "/version"),
-    ("GET", "/server_info"), ("POST", "/reset_prefix_cache"), ("POST", "/sleep"),
-    ("POST", "/wake_up"), ("GET", "/is_sleeping"), ("POST", "/collective_rpc"),
-    ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"),
-    ("POST", "/start_profile"), ("POST", "/stop_profile"), ("POST", "/tokenize"),
-    ("POST", "/detokenize"), ("GET", "/"), ("GET", "/v1/embeddings"), ("POST", "/v1/models"),
-    ("DELETE", "/v1/models"), ("POST", "/v1/embeddings/x"), ("POST", "/v1/chat"),
+    ("GET", "/metrics"),
+    ("GET", "/health"),
+    ("GET", "/ping"),
+    ("GET", "/version"),
+    ("GET", "/server_info"),
+    ("POST", "/reset_prefix_cache"),
+    ("POST", "/sleep"),
+    ("POST", "/wake_up"),
+    ("GET", "/is_sleeping"),
+    ("POST", "/collective_rpc"),
+    ("POST", "/v1/load_lora_adapter"),
+    ("POST", "/v1/unload_lora_adapter"),
+    ("POST", "/start_profile"),
+    ("POST", "/stop_profile"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("GET", "/"),
+    ("GET", "/v1/embeddings"),
+    ("POST", "/v1/models"),
+    ("DELETE", "/v1/models"),
+    ("POST", "/v1/embeddings/x"),
+    ("POST", "/v1/chat"),
 ]
 PUBLIC = [
-    ("POST", "/v1/embeddings"), ("POST", "/v1/responses"), ("POST", "/v1/audio/transcriptions"),
-    ("POST", "/v1/audio/translations"), ("POST", "/v1/rerank"), ("POST", "/v2/rerank"),
-    ("POST", "/rerank"), ("POST", "/v1/score"), ("POST", "/score"), ("POST", "/pooling"),
-    ("POST", "/classify"), ("GET", "/v1/models"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/responses"),
+    ("POST", "/v1/audio/transcriptions"),
+    ("POST", "/v1/audio/translations"),
+    ("POST", "/v1/rerank"),
+    ("POST", "/v2/rerank"),
+    ("POST", "/rerank"),
+    ("POST", "/v1/score"),
+    ("POST", "/score"),
+    ("POST", "/pooling"),
+    ("POST", "/classify"),
+    ("GET", "/v1/models"),
 ]
 
 
@@ -528,8 +570,9 @@ async def test_envoy_own_503_is_openai_json(tmp_path: Path, envoy_bin: str) -> N
         extproc_address=("127.0.0.1", free_port()),
         backends=[("127.0.0.1", free_port()), ("127.0.0.1", free_port())],
     )
-    envoy = await asyncio.to_thread(start_envoy, config, log_dir=tmp_path, admin_port=admin,
-                                    concurrency=1)
+    envoy = await asyncio.to_thread(
+        start_envoy, config, log_dir=tmp_path, admin_port=admin, concurrency=1
+    )
     try:
         for path in ("/v1/chat/completions", "/v1/embeddings"):
             r = await send(f"http://127.0.0.1:{listener}", path=path, body=CHAT)
@@ -622,16 +665,25 @@ async def test_fail_open_service_killed_under_load_then_restarted(stack: Any) ->
         after_kill = [r for r in load.results if r[0] > killed]
         assert after_kill and not any(r[2] for r in after_kill), "routed with the service dead?"
         s.service = await asyncio.to_thread(
-            start_extproc, grpc_port=grpc_port, admin_port=admin_port, backends=s.sim_urls,
-            log_dir=s.log_dir, name="extproc-restarted",
+            start_extproc,
+            grpc_port=grpc_port,
+            admin_port=admin_port,
+            backends=s.sim_urls,
+            log_dir=s.log_dir,
+            name="extproc-restarted",
         )
         ready = time.monotonic()
-        await load.until(lambda: any(r[2] and r[0] > ready for r in load.results), 10,
-                         "routing by the restarted service")
+        await load.until(
+            lambda: any(r[2] and r[0] > ready for r in load.results),
+            10,
+            "routing by the restarted service",
+        )
         resumed = min(r[0] for r in load.results if r[2] and r[0] > ready)
     await asyncio.to_thread(_kill, s.service)  # no drain period at teardown
-    print(f"\nfail-open: {len(load.results)} requests, routing resumed "
-          f"{1000 * (resumed - ready):.0f} ms after the restarted service was ready")
+    print(
+        f"\nfail-open: {len(load.results)} requests, routing resumed "
+        f"{1000 * (resumed - ready):.0f} ms after the restarted service was ready"
+    )
     assert load.errors() == []
     assert resumed - ready < 1.0
 
@@ -657,16 +709,25 @@ async def test_fail_closed_service_down_is_an_openai_503(log_dir: Path, envoy_bi
     procs: list[Proc] = []
     try:
         procs.append(await asyncio.to_thread(start_vllmsim, sim_port, args=FAST, log_dir=log_dir))
-        service_args = dict(grpc_port=grpc_port, admin_port=admin_port,
-                            backends=[f"http://127.0.0.1:{sim_port}"], log_dir=log_dir)
+        service_args = dict(
+            grpc_port=grpc_port,
+            admin_port=admin_port,
+            backends=[f"http://127.0.0.1:{sim_port}"],
+            log_dir=log_dir,
+        )
         procs.append(await asyncio.to_thread(start_extproc, **service_args))
         config = render_local_config(
-            listener_port=listener, admin_port=envoy_admin,
+            listener_port=listener,
+            admin_port=envoy_admin,
             extproc_address=("127.0.0.1", grpc_port),
-            backends=[("127.0.0.1", sim_port)], fail_closed=True,
+            backends=[("127.0.0.1", sim_port)],
+            fail_closed=True,
         )
-        procs.append(await asyncio.to_thread(start_envoy, config, log_dir=log_dir,
-                                             admin_port=envoy_admin, concurrency=1))
+        procs.append(
+            await asyncio.to_thread(
+                start_envoy, config, log_dir=log_dir, admin_port=envoy_admin, concurrency=1
+            )
+        )
         url = f"http://127.0.0.1:{listener}"
         await asyncio.to_thread(_wait_routed, url)
         procs[1].popen.send_signal(signal.SIGKILL)
@@ -676,9 +737,14 @@ async def test_fail_closed_service_down_is_an_openai_503(log_dir: Path, envoy_bi
             r = await send(url, path=path, method=method, body=CHAT)
             assert r.status == 503, r.body
             assert r.headers["content-type"] == "application/json"
-            assert r.json() == {"error": {
-                "message": "The routing service is unavailable; retry later.",
-                "type": "service_unavailable", "param": None, "code": "routing_unavailable"}}
+            assert r.json() == {
+                "error": {
+                    "message": "The routing service is unavailable; retry later.",
+                    "type": "service_unavailable",
+                    "param": None,
+                    "code": "routing_unavailable",
+                }
+            }
         procs.append(await asyncio.to_thread(start_extproc, **service_args, name="extproc-2"))
         await asyncio.to_thread(_wait_routed, url)
     finally:
@@ -704,9 +770,13 @@ async def test_rolling_restart_of_two_service_replicas(log_dir: Path, envoy_bin:
 
     def replica(i: int, gen: int, wait: bool = True) -> Proc:
         return start_extproc(
-            grpc_port=grpc_ports[i], admin_port=admin_ports[i],
-            backends=[f"http://127.0.0.1:{p}" for p in sims], log_dir=log_dir,
-            name=f"extproc{i}-{gen}", args=["--drain-seconds", str(drain)], wait=wait,
+            grpc_port=grpc_ports[i],
+            admin_port=admin_ports[i],
+            backends=[f"http://127.0.0.1:{p}" for p in sims],
+            log_dir=log_dir,
+            name=f"extproc{i}-{gen}",
+            args=["--drain-seconds", str(drain)],
+            wait=wait,
         )
 
     try:
@@ -719,12 +789,15 @@ async def test_rolling_restart_of_two_service_replicas(log_dir: Path, envoy_bin:
             await asyncio.to_thread(proc.wait_ready)
         for attempt in range(3):  # another process may take a chosen port before Envoy binds it
             config = render_local_config(
-                listener_port=listener, admin_port=envoy_admin, grpc_ports=grpc_ports,
+                listener_port=listener,
+                admin_port=envoy_admin,
+                grpc_ports=grpc_ports,
                 backends=[("127.0.0.1", p) for p in sims],
             )
             try:
-                procs["envoy"] = await asyncio.to_thread(start_envoy, config, log_dir=log_dir,
-                                                         admin_port=envoy_admin, concurrency=1)
+                procs["envoy"] = await asyncio.to_thread(
+                    start_envoy, config, log_dir=log_dir, admin_port=envoy_admin, concurrency=1
+                )
                 break
             except PortInUseError:
                 if attempt == 2:
@@ -741,8 +814,9 @@ async def test_rolling_restart_of_two_service_replicas(log_dir: Path, envoy_bin:
                 old = procs[f"r{i}"]
                 old.popen.send_signal(signal.SIGTERM)  # NOT_SERVING at once, drains `drain` s
                 t0 = time.monotonic()
-                gone = await wait_flags(admin_url, "extproc", f"127.0.0.1:{grpc_ports[i]}",
-                                        "failed_active_hc", 10)
+                gone = await wait_flags(
+                    admin_url, "extproc", f"127.0.0.1:{grpc_ports[i]}", "failed_active_hc", 10
+                )
                 print(f"\nreplica {i}: out of Envoy's LB {1000 * (gone - t0):.0f} ms after SIGTERM")
                 assert gone - t0 < drain, "Envoy still sends new streams when it stops accepting"
                 code = await asyncio.to_thread(old.popen.wait, drain + 15)

@@ -66,7 +66,9 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def test_subset_hint_restricts_the_pick_and_an_empty_one_is_503(stack, tmp_path: Path, http) -> None:
+async def test_subset_hint_restricts_the_pick_and_an_empty_one_is_503(
+    stack, tmp_path: Path, http
+) -> None:
     s: Stack = stack(
         n_backends=3,
         sim_hosts=["127.0.0.2", "127.0.0.3", "127.0.0.4"],  # the hint matches on IP
@@ -126,7 +128,9 @@ async def test_shedding_answers_429_when_every_queue_is_full(stack, http) -> Non
     assert r.status == 200, r.body
 
 
-async def _waiting_at_least(http, admin: str, endpoint: str, n: float, at_most: float | None = None) -> bool:
+async def _waiting_at_least(
+    http, admin: str, endpoint: str, n: float, at_most: float | None = None
+) -> bool:
     view = await backend_view(http, admin, endpoint)
     if at_most is not None:
         return view["freshness"] == "fresh" and view["waiting"] <= at_most

@@ -79,8 +79,11 @@ async def routed_chat(url: str) -> Routed:
 
 def _common(**extra: Any) -> dict[str, Any]:
     return {
-        "listener_port": 20001, "admin_port": 20002, "extproc_address": ("127.0.0.1", 20003),
-        "backends": [("127.0.0.1", 20004)], **extra,
+        "listener_port": 20001,
+        "admin_port": 20002,
+        "extproc_address": ("127.0.0.1", 20003),
+        "backends": [("127.0.0.1", 20004)],
+        **extra,
     }
 
 
@@ -103,7 +106,9 @@ def test_tls_touches_only_the_extproc_cluster(tmp_path: Path) -> None:
         tls = _extproc_tls(cfg)
         assert tls is not None and tls["sni"] == "localhost"
         assert tls["common_tls_context"]["alpn_protocols"] == ["h2"]
-        assert tls["common_tls_context"]["tls_params"] == {"tls_maximum_protocol_version": "TLSv1_3"}
+        assert tls["common_tls_context"]["tls_params"] == {
+            "tls_maximum_protocol_version": "TLSv1_3"
+        }
     assert "validation_context" not in _extproc_tls(unverified)["common_tls_context"]  # type: ignore[index]
     validation = _extproc_tls(verified)["common_tls_context"]["validation_context"]  # type: ignore[index]
     assert validation["trusted_ca"] == {"filename": str(tmp_path / "ca.pem")}
@@ -124,7 +129,8 @@ def test_tls_variants_validate(envoy_bin: str, tmp_path: Path) -> None:
         "extproc-tls": render_local_config(**_common(extproc_tls=True)),
         "extproc-tls-verified": render_local_config(**_common(extproc_tls_ca=ca)),
         "extproc-tls-two-replicas": render_local_config(
-            **{k: v for k, v in _common().items() if k != "extproc_address"}, grpc_ports=[20003, 20008],
+            **{k: v for k, v in _common().items() if k != "extproc_address"},
+            grpc_ports=[20003, 20008],
             extproc_tls=True,
         ),
     }
@@ -159,7 +165,7 @@ async def test_envoy_verifies_the_services_certificate(stack, log_dir: Path) -> 
     cert, key = s.tls_files
     argv = s.service.argv  # type: ignore[union-attr]
     i = argv.index("--tls-cert")
-    assert argv[i:i + 4] == ["--tls-cert", str(cert), "--tls-key", str(key)]
+    assert argv[i : i + 4] == ["--tls-cert", str(cert), "--tls-key", str(key)]
     reply = await routed_chat(s.url)
     assert reply.endpoint in s.sim_endpoints
     ssl_stats = tls_stats(s.envoy_admin_url)
@@ -176,12 +182,15 @@ async def test_envoy_verifies_the_services_certificate(stack, log_dir: Path) -> 
     write_pair(self_signed(["localhost"]), stranger, log_dir / "stranger-ca.key")
     listener, admin = free_port(), free_port()
     config = render_local_config(
-        listener_port=listener, admin_port=admin,
+        listener_port=listener,
+        admin_port=admin,
         extproc_address=("127.0.0.1", s.service_grpc_port()),
         backends=[tuple(e.split(":")) for e in s.sim_endpoints],  # type: ignore[misc]
         extproc_tls_ca=stranger,
     )
-    with start_envoy(config, log_dir=log_dir, admin_port=admin, name="envoy-stranger", concurrency=1):
+    with start_envoy(
+        config, log_dir=log_dir, admin_port=admin, name="envoy-stranger", concurrency=1
+    ):
         admin_url = f"http://127.0.0.1:{admin}"
         async with aiohttp.ClientSession() as session:
             reply = await post(session, f"http://127.0.0.1:{listener}")
@@ -200,7 +209,10 @@ def _served_certificate(port: int) -> bytes:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw) as conn:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw) as conn,
+    ):
         der = conn.getpeercert(binary_form=True)
     assert der is not None
     return der
@@ -211,11 +223,21 @@ async def _status(channel: grpc.aio.Channel, service: str) -> int:
     return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=3)).status
 
 
-async def test_tls_port_refuses_plaintext_and_the_health_port_answers_kubelets(log_dir: Path) -> None:
+async def test_tls_port_refuses_plaintext_and_the_health_port_answers_kubelets(
+    log_dir: Path,
+) -> None:
     grpc_port, admin_port, health_port = free_port(), free_port(), free_port()
     proc = start_extproc(
-        grpc_port=grpc_port, admin_port=admin_port, backends=[f"http://127.0.0.1:{free_port()}"],
-        args=["--tls-self-signed", "--grpc-health-address", f"127.0.0.1:{health_port}", "--drain-seconds", "3"],
+        grpc_port=grpc_port,
+        admin_port=admin_port,
+        backends=[f"http://127.0.0.1:{free_port()}"],
+        args=[
+            "--tls-self-signed",
+            "--grpc-health-address",
+            f"127.0.0.1:{health_port}",
+            "--drain-seconds",
+            "3",
+        ],
         log_dir=log_dir,
     )
     try:
@@ -232,7 +254,9 @@ async def test_tls_port_refuses_plaintext_and_the_health_port_answers_kubelets(l
 
         pem = ssl.DER_cert_to_PEM_cert(der).encode()
         async with (
-            grpc.aio.secure_channel(f"127.0.0.1:{grpc_port}", grpc.ssl_channel_credentials(pem)) as tls,
+            grpc.aio.secure_channel(
+                f"127.0.0.1:{grpc_port}", grpc.ssl_channel_credentials(pem)
+            ) as tls,
             grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as health,
         ):
             for name in ("", SERVICE_NAME, "readiness", "liveness"):
@@ -261,8 +285,17 @@ async def test_tls_port_refuses_plaintext_and_the_health_port_answers_kubelets(l
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "extproc", "serve", "--grpc-address", f"127.0.0.1:{free_port()}",
-            "--admin-address", f"127.0.0.1:{free_port()}", *args]
+    argv = [
+        sys.executable,
+        "-m",
+        "extproc",
+        "serve",
+        "--grpc-address",
+        f"127.0.0.1:{free_port()}",
+        "--admin-address",
+        f"127.0.0.1:{free_port()}",
+        *args,
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -275,7 +308,9 @@ def _serve(*args: str) -> subprocess.CompletedProcess[str]:
         ("health-port-taken", 1, "cannot listen on --grpc-health-address"),
     ],
 )
-def test_bad_tls_input_is_a_clear_error_exit(tmp_path: Path, case: str, code: int, message: str) -> None:
+def test_bad_tls_input_is_a_clear_error_exit(
+    tmp_path: Path, case: str, code: int, message: str
+) -> None:
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     write_pair(self_signed(["localhost"]), cert, key)
     missing = tmp_path / "missing.crt"
@@ -286,8 +321,11 @@ def test_bad_tls_input_is_a_clear_error_exit(tmp_path: Path, case: str, code: in
             "missing-cert": ["--tls-cert", str(missing), "--tls-key", str(key)],
             "cert-only": ["--tls-cert", str(cert)],
             "not-pem": ["--tls-cert", str(key), "--tls-key", str(key)],
-            "health-port-taken": ["--tls-self-signed", "--grpc-health-address",
-                                  f"127.0.0.1:{taken.getsockname()[1]}"],
+            "health-port-taken": [
+                "--tls-self-signed",
+                "--grpc-health-address",
+                f"127.0.0.1:{taken.getsockname()[1]}",
+            ],
         }[case]
         result = _serve(*args)
     assert result.returncode == code, result.stderr

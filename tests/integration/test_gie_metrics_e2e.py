@@ -20,7 +20,9 @@ pytestmark = pytest.mark.integration
 POOL = "e2e-pool"
 
 
-async def pool_series(session: aiohttp.ClientSession, admin_url: str) -> dict[tuple[str, str], float]:
+async def pool_series(
+    session: aiohttp.ClientSession, admin_url: str
+) -> dict[tuple[str, str], float]:
     """(sample name, model_server_pod or "") -> value, for the inference_pool_* samples of POOL."""
     async with session.get(admin_url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
         text = await r.text()
@@ -40,7 +42,11 @@ async def test_pool_series_follow_the_simulators(stack: Callable[..., Stack]) ->
 
         async def idle_pool() -> dict[tuple[str, str], float] | None:
             got = await pool_series(session, s.admin_url)
-            per_pod = {pod: v for (name, pod), v in got.items() if name == "inference_pool_per_pod_queue_size"}
+            per_pod = {
+                pod: v
+                for (name, pod), v in got.items()
+                if name == "inference_pool_per_pod_queue_size"
+            }
             ok = got.get(("inference_pool_ready_pods", "")) == 3 and set(per_pod) == set(endpoints)
             return got if ok else None
 
@@ -54,17 +60,25 @@ async def test_pool_series_follow_the_simulators(stack: Callable[..., Stack]) ->
         body = orjson.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 4000, "stream": True})
 
         async def hold() -> None:
-            async with session.post(s.sim_urls[0] + "/v1/completions", data=body,
-                                    headers={"content-type": "application/json"}) as r:
+            async with session.post(
+                s.sim_urls[0] + "/v1/completions",
+                data=body,
+                headers={"content-type": "application/json"},
+            ) as r:
                 assert r.status == 200
                 async for _ in r.content.iter_any():
                     pass
 
         held = [asyncio.create_task(hold()) for _ in range(3)]
         try:
+
             async def queued() -> dict[tuple[str, str], float] | None:
                 got = await pool_series(session, s.admin_url)
-                return got if got.get(("inference_pool_per_pod_queue_size", endpoints[0])) == 2 else None
+                return (
+                    got
+                    if got.get(("inference_pool_per_pod_queue_size", endpoints[0])) == 2
+                    else None
+                )
 
             got = await eventually(queued, timeout=15)
             assert got[("inference_pool_per_pod_queue_size", endpoints[1])] == 0

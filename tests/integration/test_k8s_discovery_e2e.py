@@ -62,7 +62,9 @@ def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 def k8s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKube]:
     """The fake API server, down (connection refused) until a test calls recover() or up()."""
     fake = FakeKube().start(listening=False)
-    monkeypatch.setenv("KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)))
+    monkeypatch.setenv(
+        "KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS))
+    )
     try:
         yield fake
     finally:
@@ -93,14 +95,22 @@ def service(log_dir: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
 
     async def start(*args: str) -> Service:
         grpc_port, admin_port = free_port(), free_port()
-        proc = start_extproc(grpc_port=grpc_port, admin_port=admin_port, backends=[],
-                             args=["--drain-seconds", "0", *args], log_dir=log_dir, wait=False)
+        proc = start_extproc(
+            grpc_port=grpc_port,
+            admin_port=admin_port,
+            backends=[],
+            args=["--drain-seconds", "0", *args],
+            log_dir=log_dir,
+            wait=False,
+        )
         started.append(proc)
         await asyncio.to_thread(proc.wait_ready)  # admin up; the fake keeps serving meanwhile
         return Service(proc, grpc_port, admin_port)
 
     yield start
-    failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call"))
+    failed = any(
+        getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call")
+    )
     for proc in started:
         if failed:
             print(f"\n----- {proc.name} log -----\n{proc.log_tail(60)}")
@@ -111,7 +121,9 @@ def eps(*hosts: str, port: int) -> list[str]:
     return sorted(f"{h}:{port}" for h in hosts)
 
 
-async def test_the_service_follows_the_pool_and_its_pods(sims: int, k8s: FakeKube, service: Any) -> None:
+async def test_the_service_follows_the_pool_and_its_pods(
+    sims: int, k8s: FakeKube, service: Any
+) -> None:
     port = sims
     k8s.recover()
     k8s.set_pool("vllm-pool", {"app": "vllm"}, [port], ns=NS)
@@ -121,6 +133,7 @@ async def test_the_service_follows_the_pool_and_its_pods(sims: int, k8s: FakeKub
     k8s.add_pod("elsewhere", "127.0.0.8", {"app": "vllm"}, ns="default")  # another namespace
     svc = await service("--k8s-inference-pool", "vllm-pool")
     async with aiohttp.ClientSession() as s:
+
         async def pool_is(expected: list[str]) -> None:
             await eventually(lambda: _eq(svc.pool(s), expected), timeout=15)
 
@@ -146,13 +159,17 @@ async def test_the_service_follows_the_pool_and_its_pods(sims: int, k8s: FakeKub
         # Its target ports change: every pod times every port.
         other = port + 1 if port < 65535 else port - 1
         k8s.set_pool("vllm-pool", {"app": "vllm"}, [port, other], ns=NS)
-        await pool_is(sorted(eps(HOSTS[0], HOSTS[1], port=port) + eps(HOSTS[0], HOSTS[1], port=other)))
+        await pool_is(
+            sorted(eps(HOSTS[0], HOSTS[1], port=port) + eps(HOSTS[0], HOSTS[1], port=other))
+        )
         k8s.set_pool("vllm-pool", {"app": "vllm"}, [port], ns=NS)
         await pool_is(eps(HOSTS[0], HOSTS[1], port=port))
 
         # 410 Gone, both ways: a change hidden by a compaction is found by the relist.
-        for how, change in (("event", lambda st: st.delete_pod("b", ns=NS)),
-                            ("status", lambda st: st.add_pod("c", HOSTS[2], {"app": "vllm"}, ns=NS))):
+        for how, change in (
+            ("event", lambda st: st.delete_pod("b", ns=NS)),
+            ("status", lambda st: st.add_pod("c", HOSTS[2], {"app": "vllm"}, ns=NS)),
+        ):
             lists = k8s.requests("list", PODS)
 
             def hidden(st: KubeState, change: Any = change, how: Any = how) -> None:
@@ -160,7 +177,9 @@ async def test_the_service_follows_the_pool_and_its_pods(sims: int, k8s: FakeKub
                 st.expire(how)
 
             k8s.do(hidden)
-            await pool_is(eps(HOSTS[0], port=port) if how == "event" else eps(HOSTS[0], HOSTS[2], port=port))
+            await pool_is(
+                eps(HOSTS[0], port=port) if how == "event" else eps(HOSTS[0], HOSTS[2], port=port)
+            )
             assert k8s.requests("list", PODS) > lists
         k8s.add_pod("b2", HOSTS[1], {"app": "vllm"}, ns=NS)  # watching again after the relists
         await pool_is(eps(*HOSTS, port=port))
@@ -174,7 +193,9 @@ async def test_the_service_follows_the_pool_and_its_pods(sims: int, k8s: FakeKub
     assert "Traceback" not in svc.log()
 
 
-async def test_an_api_outage_keeps_the_last_good_set(sims: int, k8s: FakeKube, service: Any) -> None:
+async def test_an_api_outage_keeps_the_last_good_set(
+    sims: int, k8s: FakeKube, service: Any
+) -> None:
     port = sims
     k8s.recover()
     for name, host in zip("ab", HOSTS[:2], strict=True):
@@ -183,13 +204,17 @@ async def test_an_api_outage_keeps_the_last_good_set(sims: int, k8s: FakeKube, s
     async with aiohttp.ClientSession() as s:
         await eventually(lambda: _eq(svc.pool(s), eps(HOSTS[0], HOSTS[1], port=port)), timeout=15)
         expected = eps(HOSTS[0], HOSTS[1], port=port)
-        for mode, change in (("503", lambda st: st.add_pod("c", HOSTS[2], {"app": "vllm"}, ns=NS)),
-                             ("refused", lambda st: st.delete_pod("a", ns=NS)),
-                             ("hang", lambda st: st.add_pod("a", HOSTS[0], {"app": "vllm"}, ns=NS))):
+        for mode, change in (
+            ("503", lambda st: st.add_pod("c", HOSTS[2], {"app": "vllm"}, ns=NS)),
+            ("refused", lambda st: st.delete_pod("a", ns=NS)),
+            ("hang", lambda st: st.add_pod("a", HOSTS[0], {"app": "vllm"}, ns=NS)),
+        ):
             requests, failures = k8s.requests(), svc.log().count("failed (")
             k8s.outage(mode)  # type: ignore[arg-type]
 
-            async def noticed(requests: int = requests, failures: int = failures, mode: str = mode) -> bool:
+            async def noticed(
+                requests: int = requests, failures: int = failures, mode: str = mode
+            ) -> bool:
                 if mode == "refused":
                     return svc.log().count("failed (") >= failures + 2
                 # 503: answered failures; hang: the reconnected watch now waits for an answer.
@@ -201,8 +226,11 @@ async def test_an_api_outage_keeps_the_last_good_set(sims: int, k8s: FakeKube, s
             assert await svc.health("readiness") == SERVING
             k8s.do(change)  # the cluster changes meanwhile ...
             k8s.recover()  # ... and the service catches up once the API is back
-            expected = {"503": eps(*HOSTS, port=port), "refused": eps(HOSTS[1], HOSTS[2], port=port),
-                        "hang": eps(*HOSTS, port=port)}[mode]
+            expected = {
+                "503": eps(*HOSTS, port=port),
+                "refused": eps(HOSTS[1], HOSTS[2], port=port),
+                "hang": eps(*HOSTS, port=port),
+            }[mode]
             await eventually(lambda expected=expected: _eq(svc.pool(s), expected), timeout=30)
     log = svc.log()
     assert "keeping the last known backends" in log and "API answers again" in log
@@ -227,8 +255,9 @@ async def test_readiness_waits_for_the_first_sync(sims: int, k8s: FakeKube, serv
     assert re.search(r"kubernetes discovery synced: 1 backend", svc.log())
 
 
-async def test_chat_through_envoy_reaches_the_discovered_pods(sims: int, k8s: FakeKube, service: Any,
-                                                              log_dir: Path) -> None:
+async def test_chat_through_envoy_reaches_the_discovered_pods(
+    sims: int, k8s: FakeKube, service: Any, log_dir: Path
+) -> None:
     port = sims
     k8s.recover()
     k8s.set_pool("vllm-pool", {"app": "vllm"}, [port], ns=NS)
@@ -236,9 +265,12 @@ async def test_chat_through_envoy_reaches_the_discovered_pods(sims: int, k8s: Fa
         k8s.add_pod(name, host, {"app": "vllm"}, ns=NS)
     svc = await service("--k8s-inference-pool", "vllm-pool")
     listener, envoy_admin = free_port(), free_port()
-    config = render_local_config(listener_port=listener, admin_port=envoy_admin,
-                                 extproc_address=("127.0.0.1", svc.grpc_port),
-                                 backends=[(h, port) for h in HOSTS])
+    config = render_local_config(
+        listener_port=listener,
+        admin_port=envoy_admin,
+        extproc_address=("127.0.0.1", svc.grpc_port),
+        backends=[(h, port) for h in HOSTS],
+    )
     envoy = start_envoy(config, log_dir=log_dir, admin_port=envoy_admin, wait=False)
     try:
         await asyncio.to_thread(envoy.wait_ready)
@@ -253,7 +285,9 @@ async def test_chat_through_envoy_reaches_the_discovered_pods(sims: int, k8s: Fa
             assert r.endpoint in everyone and r.pod == r.endpoint  # the pod that served is the pick
             served = set()
             for i in range(6):
-                r = await post(s, url, chat_body(f"hello {i}"), headers={"x-routing-strategy": "round-robin"})
+                r = await post(
+                    s, url, chat_body(f"hello {i}"), headers={"x-routing-strategy": "round-robin"}
+                )
                 assert r.status == 200 and r.pod == r.endpoint, (r.status, r.headers)
                 served.add(r.pod)
             assert sorted(served) == everyone  # every discovered pod serves
@@ -263,7 +297,10 @@ async def test_chat_through_envoy_reaches_the_discovered_pods(sims: int, k8s: Fa
             await eventually(lambda: _eq(svc.pool(s), rest), timeout=15)
             for i in range(8):
                 r = await post(s, url, chat_body(f"after {i}"))
-                assert r.status == 200 and r.endpoint in rest and r.pod in rest, (r.status, r.headers)
+                assert r.status == 200 and r.endpoint in rest and r.pod in rest, (
+                    r.status,
+                    r.headers,
+                )
     finally:
         envoy.stop()
 

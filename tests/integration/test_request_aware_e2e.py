@@ -25,22 +25,37 @@ async def upstream_requests(http: aiohttp.ClientSession, envoy_admin_url: str) -
 
 async def test_model_pools_never_cross_and_unknown_model_is_404(stack):
     s = stack(
-        n_backends=3, common_sim_args=FAST,
+        n_backends=3,
+        common_sim_args=FAST,
         sim_args=[["--model", "model-a"], ["--model", "model-a"], ["--model", "model-b"]],
     )
     async with aiohttp.ClientSession() as http:
         await eventually(lambda: all_fresh(http, s.admin_url))
         for strategy in ("least-request", "random", "round-robin", "weighted", "prefix-cache"):
             for _ in range(4):
-                r = await post(http, s.url, chat_body(model="model-b"), headers={"x-routing-strategy": strategy})
+                r = await post(
+                    http,
+                    s.url,
+                    chat_body(model="model-b"),
+                    headers={"x-routing-strategy": strategy},
+                )
                 assert r.status == 200 and r.pod == s.sim_endpoints[2], (strategy, r.pod)
-                r = await post(http, s.url, chat_body(model="model-a"), headers={"x-routing-strategy": strategy})
+                r = await post(
+                    http,
+                    s.url,
+                    chat_body(model="model-a"),
+                    headers={"x-routing-strategy": strategy},
+                )
                 assert r.status == 200 and r.pod in s.sim_endpoints[:2], (strategy, r.pod)
         before = await upstream_requests(http, s.envoy_admin_url)
         r = await post(http, s.url, chat_body(model="model-z"))
         assert r.status == 404
         err = r.json()["error"]
-        assert err["code"] == "model_not_found" and "model-a" in err["message"] and "model-b" in err["message"]
+        assert (
+            err["code"] == "model_not_found"
+            and "model-a" in err["message"]
+            and "model-b" in err["message"]
+        )
         assert await upstream_requests(http, s.envoy_admin_url) == before
 
 
@@ -56,8 +71,16 @@ async def test_model_pools_never_cross_and_unknown_model_is_404(stack):
         (orjson.dumps({"model": "tiny-llama", "messages": "hello"}), 400, None),
         (orjson.dumps(chat_body(text="x" * (5 * 1024 * 1024))), 413, "request_too_large"),
     ],
-    ids=["truncated-json", "not-an-object", "missing-model", "model-wrong-type", "stream-wrong-type",
-         "max-tokens-wrong-type", "messages-wrong-type", "too-large"],
+    ids=[
+        "truncated-json",
+        "not-an-object",
+        "missing-model",
+        "model-wrong-type",
+        "stream-wrong-type",
+        "max-tokens-wrong-type",
+        "messages-wrong-type",
+        "too-large",
+    ],
 )
 async def test_bad_bodies_get_openai_errors_and_never_reach_a_backend(stack, body, status, code):
     s = stack(n_backends=1, common_sim_args=FAST)
@@ -86,7 +109,9 @@ async def test_paths_not_understood_are_routed_without_the_body(stack):
             assert (await r.json())["data"][0]["id"] == "tiny-llama"
 
 
-SYSTEM = "You are a meticulous assistant for the ACME support desk. " * 12  # ~700 chars, many blocks
+SYSTEM = (
+    "You are a meticulous assistant for the ACME support desk. " * 12
+)  # ~700 chars, many blocks
 
 
 async def test_repeated_prefix_sticks_until_the_load_guard(stack):
@@ -103,9 +128,14 @@ async def test_repeated_prefix_sticks_until_the_load_guard(stack):
         assert all(reason == "prefix-hit" for _, reason in picks[1:]), picks
         # Load the home server directly (not through the gateway) past the default guard (> 8 and 1.5x).
         home_url = s.sim_urls[s.sim_endpoints.index(home)]
-        hold = [asyncio.create_task(post(http, home_url, chat_body(max_tokens=3000, ignore_eos=True), timeout=120))
-                for _ in range(12)]
+        hold = [
+            asyncio.create_task(
+                post(http, home_url, chat_body(max_tokens=3000, ignore_eos=True), timeout=120)
+            )
+            for _ in range(12)
+        ]
         try:
+
             async def loaded() -> bool:
                 return (await backend_view(http, s.admin_url, home))["running"] >= 12
 
@@ -140,7 +170,9 @@ async def test_sessions_stick_and_move_when_their_server_dies(stack):
             seen = set()
             for _ in range(5):
                 # The session route forces `session`, whatever the client asks for.
-                r = await post(http, s.url, headers={"x-session-id": sid, "x-routing-strategy": "random"})
+                r = await post(
+                    http, s.url, headers={"x-session-id": sid, "x-routing-strategy": "random"}
+                )
                 assert r.status == 200 and r.headers["x-routing-strategy"] == "session"
                 assert r.reason == "session"
                 seen.add(r.pod)
@@ -170,7 +202,14 @@ async def test_session_key_from_the_body_user(stack):
     async with aiohttp.ClientSession() as http:
         await eventually(lambda: all_fresh(http, s.admin_url))
         pods = {
-            (await post(http, s.url, chat_body(user="user-42"), headers={"x-routing-strategy": "session"})).pod
+            (
+                await post(
+                    http,
+                    s.url,
+                    chat_body(user="user-42"),
+                    headers={"x-routing-strategy": "session"},
+                )
+            ).pod
             for _ in range(6)
         }
         assert len(pods) == 1
@@ -183,11 +222,19 @@ async def test_lora_requests_prefer_the_server_running_the_adapter(stack):
         await eventually(lambda: all_fresh(http, s.admin_url))
         # Each server busy with a different adapter (its only slot taken), held directly.
         holds = [
-            asyncio.create_task(post(http, s.sim_urls[i], chat_body(model=ad, max_tokens=3000, ignore_eos=True),
-                                     timeout=120))
-            for i, ad in ((0, "ad1"), (1, "ad2")) for _ in range(2)
+            asyncio.create_task(
+                post(
+                    http,
+                    s.sim_urls[i],
+                    chat_body(model=ad, max_tokens=3000, ignore_eos=True),
+                    timeout=120,
+                )
+            )
+            for i, ad in ((0, "ad1"), (1, "ad2"))
+            for _ in range(2)
         ]
         try:
+
             async def adapters_running() -> bool:
                 views = [await backend_view(http, s.admin_url, e) for e in s.sim_endpoints]
                 return views[0]["lora_running"] == ["ad1"] and views[1]["lora_running"] == ["ad2"]
@@ -195,7 +242,12 @@ async def test_lora_requests_prefer_the_server_running_the_adapter(stack):
             await eventually(adapters_running)
             for strategy in ("least-request", "random", "weighted"):
                 for _ in range(3):
-                    r = await post(http, s.url, chat_body(model="ad2", max_tokens=2), headers={"x-routing-strategy": strategy})
+                    r = await post(
+                        http,
+                        s.url,
+                        chat_body(model="ad2", max_tokens=2),
+                        headers={"x-routing-strategy": strategy},
+                    )
                     assert r.status == 200 and r.pod == s.sim_endpoints[1], (strategy, r.pod)
         finally:
             for t in holds:

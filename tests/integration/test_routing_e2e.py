@@ -39,6 +39,41 @@ async def test_request_succeeds_and_lands_where_reported(stack):
         assert r.headers["x-routing-strategy"] == "weighted"
 
 
+async def test_a_profile_from_the_config_file_routes_and_avoids_the_busy_backend(stack, tmp_path):
+    cfg = tmp_path / "extproc.yaml"
+    cfg.write_text(
+        "profiles:\n"
+        "  queue-first:\n"
+        "    scorers: {queue: 3, latency: 1}\n"
+        "    picker: {name: near-best, tolerance: 0.1}\n"
+    )
+    s = stack(n_backends=2, service_args=["--config", str(cfg)])
+    busy_url, busy = s.sim_urls[0], s.sim_endpoints[0]
+    pick = {"x-routing-strategy": "queue-first"}
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: all_fresh(http, s.admin_url))
+        hold = [
+            asyncio.create_task(
+                post(http, busy_url, chat_body(max_tokens=2000, ignore_eos=True), timeout=120)
+            )
+            for _ in range(6)
+        ]
+        try:
+
+            async def busy_seen() -> bool:
+                return (await backend_view(http, s.admin_url, busy))["running"] >= 6
+
+            await eventually(busy_seen)
+            for _ in range(4):
+                r = await post(http, s.url, headers=pick)
+                assert r.status == 200 and r.pod == s.sim_endpoints[1], (r.pod, r.reason)
+                assert (r.headers["x-routing-strategy"], r.reason) == ("queue-first", "metrics")
+        finally:
+            for t in hold:
+                t.cancel()
+            await asyncio.gather(*hold, return_exceptions=True)
+
+
 async def test_least_request_avoids_the_busy_backend(stack):
     # Real time (scale 1) so the held requests stay running for the whole test.
     s = stack(n_backends=2, service_args=["--strategy", "least-request"])
@@ -46,10 +81,13 @@ async def test_least_request_avoids_the_busy_backend(stack):
     async with aiohttp.ClientSession() as http:
         await eventually(lambda: all_fresh(http, s.admin_url))
         hold = [
-            asyncio.create_task(post(http, busy_url, chat_body(max_tokens=2000, ignore_eos=True), timeout=120))
+            asyncio.create_task(
+                post(http, busy_url, chat_body(max_tokens=2000, ignore_eos=True), timeout=120)
+            )
             for _ in range(6)
         ]
         try:
+
             async def busy_seen() -> bool:
                 return (await backend_view(http, s.admin_url, busy))["running"] >= 6
 
@@ -130,7 +168,9 @@ async def test_broken_metrics_backend_is_avoided_and_comes_back(stack, log_dir):
         s.sims[2] = start_vllmsim(victim_port, args=FAST, log_dir=log_dir / "restart")
 
         async def back() -> bool:
-            return (await post(http, s.url, headers={"x-routing-strategy": "round-robin"})).pod == victim
+            return (
+                await post(http, s.url, headers={"x-routing-strategy": "round-robin"})
+            ).pod == victim
 
         await eventually(back)
         assert (await backend_view(http, s.admin_url, victim))["healthy"]
@@ -139,6 +179,7 @@ async def test_broken_metrics_backend_is_avoided_and_comes_back(stack, log_dir):
 async def test_metrics_erroring_backend_is_avoided(stack):
     s = stack(n_backends=2, common_sim_args=FAST, sim_args=[[], ["--metrics-fail-rate", "1.0"]])
     async with aiohttp.ClientSession() as http:
+
         async def excluded() -> bool:
             return not (await backend_view(http, s.admin_url, s.sim_endpoints[1]))["healthy"]
 
@@ -154,15 +195,19 @@ async def test_scale_out_newcomer_is_neither_flooded_nor_starved(stack, log_dir)
     newcomer = s.sim_endpoints[2]
     s.sims[2].stop()  # the service knows the address; the server is not there yet
     async with aiohttp.ClientSession() as http:
+
         async def gone() -> bool:
             return not (await backend_view(http, s.admin_url, newcomer))["healthy"]
 
         await eventually(gone)
         hold = [
-            asyncio.create_task(post(http, s.url, chat_body(max_tokens=3000, ignore_eos=True), timeout=120))
+            asyncio.create_task(
+                post(http, s.url, chat_body(max_tokens=3000, ignore_eos=True), timeout=120)
+            )
             for _ in range(8)
         ]
         try:
+
             async def loaded() -> bool:
                 views = [await backend_view(http, s.admin_url, e) for e in s.sim_endpoints[:2]]
                 return all(v["running"] >= 3 for v in views)
@@ -175,7 +220,9 @@ async def test_scale_out_newcomer_is_neither_flooded_nor_starved(stack, log_dir)
 
             await eventually(known)
             await eventually(lambda: envoy_routes_to(http, s.envoy_admin_url, newcomer))
-            burst = await asyncio.gather(*(post(http, s.url, chat_body(max_tokens=200, ignore_eos=True)) for _ in range(24)))
+            burst = await asyncio.gather(
+                *(post(http, s.url, chat_body(max_tokens=200, ignore_eos=True)) for _ in range(24))
+            )
             assert all(r.status == 200 for r in burst)
             got = sum(r.pod == newcomer for r in burst)
             # Idle newcomer vs two servers with ~4 running each: it should take the first few and
@@ -193,8 +240,9 @@ async def test_streaming_arrives_chunk_by_chunk(stack):
     async with aiohttp.ClientSession() as http:
         body = orjson.dumps(chat_body(max_tokens=40, ignore_eos=True, stream=True))
         arrivals = []
-        async with http.post(s.url + "/v1/chat/completions", data=body,
-                             headers={"content-type": "application/json"}) as r:
+        async with http.post(
+            s.url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+        ) as r:
             assert r.status == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             async for chunk in r.content.iter_any():
@@ -214,7 +262,9 @@ async def test_spoofed_destination_never_leaves_the_pool(stack):
         home = (await post(http, s.url, headers=session)).pod
         other = next(e for e in s.sim_endpoints if e != home)  # a pool host it would NOT pick
         for value in (other, f"{other},{other}", outside, "10.1.2.3:80", "not-an-address"):
-            r = await post(http, s.url, headers={**session, "x-gateway-destination-endpoint": value})
+            r = await post(
+                http, s.url, headers={**session, "x-gateway-destination-endpoint": value}
+            )
             assert r.status == 200 and r.pod == home, (value, r.pod)
             assert r.pod == r.endpoint  # the service's choice, not the client's
 
@@ -253,16 +303,20 @@ async def test_inflight_is_released_when_the_request_ends(stack):
     ep, sim_url = s.sim_endpoints[0], s.sim_urls[0]
 
     async with aiohttp.ClientSession() as http:
+
         async def view() -> dict:
             return await backend_view(http, s.admin_url, ep)
 
         await eventually(lambda: all_fresh(http, s.admin_url))
         assert (await view())["inflight"] == 0
         blocker = asyncio.create_task(
-            post(http, sim_url, chat_body(max_tokens=3000, ignore_eos=True, stream=True), timeout=120)
+            post(
+                http, sim_url, chat_body(max_tokens=3000, ignore_eos=True, stream=True), timeout=120
+            )
         )
         routed: asyncio.Task | None = None
         try:
+
             async def blocked() -> bool:
                 return (await view())["running"] >= 1
 

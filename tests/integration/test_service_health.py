@@ -32,7 +32,9 @@ async def health_of(channel: grpc.aio.Channel, service: str = "") -> int:
     return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)).status
 
 
-async def open_decided_stream(channel: grpc.aio.Channel) -> tuple[grpc.aio.StreamStreamCall, ep.ProcessingResponse]:
+async def open_decided_stream(
+    channel: grpc.aio.Channel,
+) -> tuple[grpc.aio.StreamStreamCall, ep.ProcessingResponse]:
     """A Process stream that sent request headers (as Envoy does) and read the answer; still open."""
     call = channel.stream_stream(
         f"/{SERVICE_NAME}/Process",
@@ -40,7 +42,9 @@ async def open_decided_stream(channel: grpc.aio.Channel) -> tuple[grpc.aio.Strea
         response_deserializer=ep.ProcessingResponse.FromString,
     )()
     hv = [base_pb2.HeaderValue(key=":path", raw_value=b"/v1/models")]
-    await call.write(ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv))))
+    await call.write(
+        ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv)))
+    )
     return call, await asyncio.wait_for(call.read(), 5)
 
 
@@ -73,8 +77,11 @@ async def test_sigterm_flips_health_at_once_keeps_answering_then_exits(log_dir: 
     grpc_port, admin_port = free_port(), free_port()
     # The backend need not answer: the pool is known, so the service is SERVING.
     proc = start_extproc(
-        grpc_port=grpc_port, admin_port=admin_port, backends=[f"http://127.0.0.1:{free_port()}"],
-        args=["--drain-seconds", "3"], log_dir=log_dir,
+        grpc_port=grpc_port,
+        admin_port=admin_port,
+        backends=[f"http://127.0.0.1:{free_port()}"],
+        args=["--drain-seconds", "3"],
+        log_dir=log_dir,
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -120,8 +127,11 @@ async def test_streams_still_open_after_the_grace_end_with_status_ok(log_dir: Pa
     # when the service stops must end with OK.
     grpc_port, admin_port = free_port(), free_port()
     proc = start_extproc(
-        grpc_port=grpc_port, admin_port=admin_port, backends=[f"http://127.0.0.1:{free_port()}"],
-        args=["--drain-seconds", "0.5", "--stop-grace", "0.5"], log_dir=log_dir,
+        grpc_port=grpc_port,
+        admin_port=admin_port,
+        backends=[f"http://127.0.0.1:{free_port()}"],
+        args=["--drain-seconds", "0.5", "--stop-grace", "0.5"],
+        log_dir=log_dir,
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -139,8 +149,11 @@ async def test_streams_still_open_after_the_grace_end_with_status_ok(log_dir: Pa
 async def test_health_answers_the_names_gateways_and_kubelets_probe(log_dir: Path) -> None:
     grpc_port, admin_port = free_port(), free_port()
     proc = start_extproc(
-        grpc_port=grpc_port, admin_port=admin_port, backends=[f"http://127.0.0.1:{free_port()}"],
-        args=["--drain-seconds", "3"], log_dir=log_dir,
+        grpc_port=grpc_port,
+        admin_port=admin_port,
+        backends=[f"http://127.0.0.1:{free_port()}"],
+        args=["--drain-seconds", "3"],
+        log_dir=log_dir,
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:

@@ -68,7 +68,9 @@ def serve(log_dir: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..
         return f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{admin_port}"
 
     yield start
-    failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call"))
+    failed = any(
+        getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call")
+    )
     for p in procs:
         if failed:
             print(f"\n----- {p.log_path} -----\n{p.log_tail(40)}")
@@ -76,8 +78,13 @@ def serve(log_dir: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..
 
 
 def headers_request() -> ep.ProcessingRequest:
-    hv = [base_pb2.HeaderValue(key=k, raw_value=v) for k, v in ((":method", b"POST"), (":path", b"/v1/completions"))]
-    return ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv)))
+    hv = [
+        base_pb2.HeaderValue(key=k, raw_value=v)
+        for k, v in ((":method", b"POST"), (":path", b"/v1/completions"))
+    ]
+    return ep.ProcessingRequest(
+        request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv))
+    )
 
 
 async def open_stream(stub: ep_grpc.ExternalProcessorStub) -> tuple[grpc.aio.StreamStreamCall, str]:

@@ -38,7 +38,8 @@ def fixture(name: str, running: int | None = None) -> str:
     if running is not None:
         lines = [
             f'vllm:num_requests_running{{engine="0",model_name="tiny-llama"}} {float(running)}'
-            if ln.startswith("vllm:num_requests_running{") else ln
+            if ln.startswith("vllm:num_requests_running{")
+            else ln
             for ln in text.splitlines()
         ]
         text = "\n".join(lines) + "\n"
@@ -97,8 +98,13 @@ class Service:
 
     async def route(self, **headers: str) -> ep.ProcessingResponse:
         hv = [base_pb2.HeaderValue(key=":path", raw_value=b"/v1/completions")]
-        hv += [base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in headers.items()]
-        req = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv)))
+        hv += [
+            base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode())
+            for k, v in headers.items()
+        ]
+        req = ep.ProcessingRequest(
+            request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv))
+        )
         call = self.stub.Process(iter([req]))
         responses = [resp async for resp in call]  # read to the end: the stream closes cleanly
         assert len(responses) == 1
@@ -108,8 +114,13 @@ class Service:
         """A Process stream that stays open after the decision (as Envoy keeps it open until
         the HTTP request ends). Close it with :meth:`HeldStream.end`."""
         hv = [base_pb2.HeaderValue(key=":path", raw_value=b"/v1/completions")]
-        hv += [base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in headers.items()]
-        req = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv)))
+        hv += [
+            base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode())
+            for k, v in headers.items()
+        ]
+        req = ep.ProcessingRequest(
+            request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv))
+        )
         call = self.stub.Process()
         await call.write(req)
         resp = await call.read()
@@ -141,7 +152,9 @@ class HeldStream:
         assert await self.call.read() is grpc.aio.EOF
 
 
-async def eventually(check: Callable[[], object], *, timeout: float = 5.0, interval: float = 0.02) -> float:
+async def eventually(
+    check: Callable[[], object], *, timeout: float = 5.0, interval: float = 0.02
+) -> float:
     """Poll an async or sync predicate until truthy; return the elapsed seconds."""
     start = time.monotonic()
     while True:
@@ -168,7 +181,11 @@ async def service(backends: list[FakeBackend], **settings: object) -> AsyncItera
     stop = asyncio.Event()
     task = asyncio.create_task(run(load_settings(cli), stop=stop))
     channel = grpc.aio.insecure_channel(cli["grpc_address"])
-    svc = Service(cli["grpc_address"], f"http://127.0.0.1:{admin_port}", ep_grpc.ExternalProcessorStub(channel))
+    svc = Service(
+        cli["grpc_address"],
+        f"http://127.0.0.1:{admin_port}",
+        ep_grpc.ExternalProcessorStub(channel),
+    )
 
     async def admin_up() -> bool:
         try:
@@ -217,7 +234,9 @@ async def test_cold_start_then_metrics_from_the_first_good_scrape(fakes):
             counted = await svc.ok_scrapes()
             endpoint, reason = await svc.decision()
             if counted:
-                assert reason == "metrics", f"{counted} good scrape(s) counted, decision still {reason}"
+                assert reason == "metrics", (
+                    f"{counted} good scrape(s) counted, decision still {reason}"
+                )
                 break
             assert reason in ("cold-cache", "metrics")
             assert time.monotonic() < deadline, "no good scrape counted within 10 s"
@@ -250,7 +269,10 @@ async def test_broken_metrics_backend_is_avoided_then_comes_back(fakes):
         b.mode = "garbage"  # the idle-looking one breaks
 
         async def b_unhealthy() -> bool:
-            return any(x["endpoint"] == b.endpoint and not x["healthy"] for x in (await svc.backends())["backends"])
+            return any(
+                x["endpoint"] == b.endpoint and not x["healthy"]
+                for x in (await svc.backends())["backends"]
+            )
 
         await eventually(b_unhealthy)
         assert {(await svc.decision())[0] for _ in range(10)} == {a.endpoint}
@@ -271,7 +293,12 @@ async def test_slow_metrics_keep_the_backend_stale_and_busy_not_idle(fakes):
 
         async def b_stale_overloaded() -> bool:
             x = next(x for x in (await svc.backends())["backends"] if x["endpoint"] == b.endpoint)
-            return x["freshness"] == "stale" and x["overloaded"] and x["healthy"] and x["running"] == 20
+            return (
+                x["freshness"] == "stale"
+                and x["overloaded"]
+                and x["healthy"]
+                and x["running"] == 20
+            )
 
         await eventually(b_stale_overloaded, timeout=8)
         assert {(await svc.decision())[0] for _ in range(10)} == {a.endpoint}
@@ -290,12 +317,18 @@ async def test_scale_out_newcomer_is_neither_flooded_nor_starved(fakes):
     async with service([a, b, newcomer], **settings) as svc:
         await eventually(lambda: _all_fresh(svc, 2))
         views = {x["endpoint"]: x for x in (await svc.backends())["backends"]}
-        assert views[newcomer.endpoint]["freshness"] == "unknown" and views[newcomer.endpoint]["healthy"]
+        assert (
+            views[newcomer.endpoint]["freshness"] == "unknown"
+            and views[newcomer.endpoint]["healthy"]
+        )
         assert views[newcomer.endpoint]["prior"] and views[newcomer.endpoint]["running"] == 4
         # 12 streams held open (as Envoy holds them until the request ends): each pick counts
         # until it ends, so picks fill the lowest load: 2+6, 6+2, 4+4 -> 8 each.
         held = [await svc.open_stream(x_routing_strategy="least-request") for _ in range(12)]
-        seen = {e: sum(h.endpoint == e for h in held) for e in (a.endpoint, b.endpoint, newcomer.endpoint)}
+        seen = {
+            e: sum(h.endpoint == e for h in held)
+            for e in (a.endpoint, b.endpoint, newcomer.endpoint)
+        }
         assert sum(seen.values()) == 12
         assert 3 <= seen[newcomer.endpoint] <= 5, seen  # its fair share (4), neither 0 nor all
         assert seen[a.endpoint] > seen[newcomer.endpoint] > seen[b.endpoint], seen

@@ -91,17 +91,24 @@ def real_vllm(tiny_model: Path, run_dir: Path, figures: dict[str, Any]) -> Itera
 
 
 @pytest.fixture(scope="session")
-def gw(tiny_model: Path, run_dir: Path, figures: dict[str, Any], real_vllm: RealVllm,
-       request: pytest.FixtureRequest) -> Iterator[Gateway]:
+def gw(
+    tiny_model: Path,
+    run_dir: Path,
+    figures: dict[str, Any],
+    real_vllm: RealVllm,
+    request: pytest.FixtureRequest,
+) -> Iterator[Gateway]:
     gateway = start_gateway(model_dir=tiny_model, log_dir=run_dir / "logs", vllm=real_vllm)
     # Includes the vLLM's boot unless an earlier module had it booted already.
     figures["stack_start_s"] = round(gateway.timings["start_s"], 1)
     figures["vllm_cpus"] = vllm_cpus() or "unpinned"
     figures["box_cpus"] = os.cpu_count()
-    print(f"\nreal vLLM gateway up in {gateway.timings['start_s']:.0f} s: Envoy {gateway.url}, "
-          f"service {gateway.admin_url}, real vLLM {gateway.real} (CPUs: "
-          f"{vllm_cpus() or 'unpinned'}), sims {gateway.sim_endpoints}; "
-          f"logs in {run_dir / 'logs'}")
+    print(
+        f"\nreal vLLM gateway up in {gateway.timings['start_s']:.0f} s: Envoy {gateway.url}, "
+        f"service {gateway.admin_url}, real vLLM {gateway.real} (CPUs: "
+        f"{vllm_cpus() or 'unpinned'}), sims {gateway.sim_endpoints}; "
+        f"logs in {run_dir / 'logs'}"
+    )
     try:
         yield gateway
     finally:

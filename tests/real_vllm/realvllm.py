@@ -74,8 +74,11 @@ def vllm_env() -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",
         # With pinning: the worker's OpenMP threads on the same CPUs, no "reserved" core.
-        **({"VLLM_CPU_OMP_THREADS_BIND": vllm_cpus(), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-           if vllm_cpus() else {}),
+        **(
+            {"VLLM_CPU_OMP_THREADS_BIND": vllm_cpus(), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+            if vllm_cpus()
+            else {}
+        ),
     }
 
 
@@ -97,15 +100,24 @@ def start_real_vllm(
     pin = ["taskset", "-c", cpus] if cpus and shutil.which("taskset") else []
     argv = [
         *pin,
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir),
-        "--served-model-name", MODEL,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--max-model-len", "512",
-        "--dtype", "float32",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "512",
+        "--dtype",
+        "float32",
         "--enforce-eager",
-        "--max-num-seqs", str(max_num_seqs),
+        "--max-num-seqs",
+        str(max_num_seqs),
         *extra_args,
     ]
     proc = Proc(name, argv, log_dir=log_dir, env=vllm_env())
@@ -150,12 +162,14 @@ class RealVllm:
         self.proc.stop(timeout=15.0)
 
 
-def launch_real_vllm(*, model_dir: Path, log_dir: Path, max_num_seqs: int = 4,
-                     port: int | None = None) -> RealVllm:
+def launch_real_vllm(
+    *, model_dir: Path, log_dir: Path, max_num_seqs: int = 4, port: int | None = None
+) -> RealVllm:
     """Launch a real vLLM without waiting (call ``wait_ready``: it boots meanwhile)."""
     port = port or free_port()
-    proc = start_real_vllm(port, model_dir=model_dir, log_dir=log_dir,
-                           max_num_seqs=max_num_seqs, wait=False)
+    proc = start_real_vllm(
+        port, model_dir=model_dir, log_dir=log_dir, max_num_seqs=max_num_seqs, wait=False
+    )
     return RealVllm(proc, port)
 
 
@@ -220,7 +234,8 @@ class Gateway:
 
     def log_tails(self, lines: int = 40) -> str:
         return "\n".join(
-            f"===== {p.log_path} (last {lines} lines) =====\n{p.log_tail(lines)}" for p in self.procs
+            f"===== {p.log_path} (last {lines} lines) =====\n{p.log_tail(lines)}"
+            for p in self.procs
         )
 
 
@@ -263,17 +278,27 @@ def start_gateway(
         t0 = time.monotonic()
         # The real vLLM boots for a minute: launch it first, the rest meanwhile.
         if gw.vllm is None:
-            gw.vllm = start_real_vllm(gw.real_port, model_dir=model_dir, log_dir=log_dir,
-                                      max_num_seqs=max_num_seqs, wait=False)
+            gw.vllm = start_real_vllm(
+                gw.real_port,
+                model_dir=model_dir,
+                log_dir=log_dir,
+                max_num_seqs=max_num_seqs,
+                wait=False,
+            )
         for p in gw.sim_ports:
             # x-inference-pod defaults to the simulator's ip:port, the form of x-routed-endpoint.
             gw.sims.append(start_vllmsim(p, args=sim_args, log_dir=log_dir, wait=False))
         for s in gw.sims:
             s.wait_ready(60)
         backends = [gw.real_url, *(f"http://{e}" for e in gw.sim_endpoints)]
-        gw.service = start_extproc(grpc_port=gw.grpc_port, admin_port=gw.admin_port,
-                                   backends=backends, args=service_args, log_dir=log_dir,
-                                   timeout=60)
+        gw.service = start_extproc(
+            grpc_port=gw.grpc_port,
+            admin_port=gw.admin_port,
+            backends=backends,
+            args=service_args,
+            log_dir=log_dir,
+            timeout=60,
+        )
         config = render_local_config(
             listener_port=gw.envoy_port,
             admin_port=gw.envoy_admin_port,
@@ -281,8 +306,9 @@ def start_gateway(
             backends=[("127.0.0.1", gw.real_port), *(("127.0.0.1", p) for p in gw.sim_ports)],
             template=envoy_template,
         )
-        gw.envoy = start_envoy(config, log_dir=log_dir, admin_port=gw.envoy_admin_port,
-                               concurrency=1, timeout=60)
+        gw.envoy = start_envoy(
+            config, log_dir=log_dir, admin_port=gw.envoy_admin_port, concurrency=1, timeout=60
+        )
         if vllm is not None:
             vllm.wait_ready()
         else:
@@ -304,18 +330,31 @@ class Reply(Routed):
 
 
 def chat(text: str, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": text}],
-            "max_tokens": max_tokens, **extra}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        **extra,
+    }
 
 
-async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any] | bytes, *,
-               path: str = "/v1/chat/completions", timeout: float = 60) -> Reply:
+async def post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any] | bytes,
+    *,
+    path: str = "/v1/chat/completions",
+    timeout: float = 60,
+) -> Reply:
     """POST JSON (``body`` as a dict, or raw bytes sent as they are) with a content-length."""
     t = time.monotonic()
     data = body if isinstance(body, bytes) else orjson.dumps(body)
-    async with session.post(url + path, data=data,
-                            headers={"content-type": "application/json"},
-                            timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+    async with session.post(
+        url + path,
+        data=data,
+        headers={"content-type": "application/json"},
+        timeout=aiohttp.ClientTimeout(total=timeout),
+    ) as r:
         return Reply(r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read(), t)
 
 
@@ -324,12 +363,16 @@ async def get_json(session: aiohttp.ClientSession, url: str, timeout: float = 5)
         return orjson.loads(await r.read())
 
 
-async def backend_view(session: aiohttp.ClientSession, admin_url: str, endpoint: str) -> dict[str, Any]:
+async def backend_view(
+    session: aiohttp.ClientSession, admin_url: str, endpoint: str
+) -> dict[str, Any]:
     data = await get_json(session, admin_url + "/backends")
     return next(b for b in data["backends"] if b["endpoint"] == endpoint)
 
 
-async def service_gauges(session: aiohttp.ClientSession, admin_url: str) -> dict[tuple[str, str], float]:
+async def service_gauges(
+    session: aiohttp.ClientSession, admin_url: str
+) -> dict[tuple[str, str], float]:
     """{(sample name + result label or "", backend): value} of the per-backend service metrics."""
     async with session.get(admin_url + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r:
         text = await r.text()
@@ -352,17 +395,21 @@ async def is_suspect(session: aiohttp.ClientSession, admin_url: str, endpoint: s
     view = await backend_view(session, admin_url, endpoint)
     if "suspect" in view:
         return bool(view["suspect"])
-    return (await service_gauges(session, admin_url)).get(("extproc_backend_suspect", endpoint)) == 1.0
+    return (await service_gauges(session, admin_url)).get(
+        ("extproc_backend_suspect", endpoint)
+    ) == 1.0
 
 
-async def envoy_health_flags(session: aiohttp.ClientSession, envoy_admin_url: str,
-                             endpoint: str) -> str:
+async def envoy_health_flags(
+    session: aiohttp.ClientSession, envoy_admin_url: str, endpoint: str
+) -> str:
     """Envoy's health flags of pool host ``endpoint`` (``healthy``, ``/failed_active_hc``, ...)."""
-    async with session.get(envoy_admin_url + "/clusters",
-                           timeout=aiohttp.ClientTimeout(total=5)) as r:
+    async with session.get(
+        envoy_admin_url + "/clusters", timeout=aiohttp.ClientTimeout(total=5)
+    ) as r:
         text = await r.text()
     prefix = f"vllm::{endpoint}::health_flags::"
-    return next((line[len(prefix):] for line in text.splitlines() if line.startswith(prefix)), "?")
+    return next((line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)), "?")
 
 
 async def eventually(check: Any, *, timeout: float, interval: float = 0.1, what: str = "") -> Any:
@@ -451,10 +498,12 @@ class Probe:
             while not stop.is_set():
                 start = time.monotonic()
                 try:
-                    async with s.get(self.url, timeout=aiohttp.ClientTimeout(total=self.timeout)) as r:
+                    async with s.get(
+                        self.url, timeout=aiohttp.ClientTimeout(total=self.timeout)
+                    ) as r:
                         await r.read()
                         lat: float | None = time.monotonic() - start if r.status == 200 else None
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     lat = None
                     if time.monotonic() - start > self.timeout + self.late_after:
                         self.late.append(start - self.t0)

@@ -69,8 +69,13 @@ PIECE = 64 * 1024  # chunk size of the chunked upload
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def gateway(request: pytest.FixtureRequest, tiny_model: Path, run_dir: Path,
-            figures: dict[str, Any], real_vllm: RealVllm) -> Iterator[tuple[str, Gateway]]:
+def gateway(
+    request: pytest.FixtureRequest,
+    tiny_model: Path,
+    run_dir: Path,
+    figures: dict[str, Any],
+    real_vllm: RealVllm,
+) -> Iterator[tuple[str, Gateway]]:
     """Envoy (this config) + the service around the session's real vLLM, one config at a time."""
     config: str = request.param
     failed_before = request.session.testsfailed
@@ -85,11 +90,17 @@ def gateway(request: pytest.FixtureRequest, tiny_model: Path, run_dir: Path,
     )
     try:
         # The service learns the model name from vLLM's /v1/models and its load from /metrics.
-        poll_until(lambda: _service_knows_the_model(gw), timeout=30, proc=gw.service,
-                   what="the service: real vLLM fresh, with its model")
+        poll_until(
+            lambda: _service_knows_the_model(gw),
+            timeout=30,
+            proc=gw.service,
+            what="the service: real vLLM fresh, with its model",
+        )
         figures.setdefault("gateways", {})[config] = {"start_s": round(gw.timings["start_s"], 1)}
-        print(f"\n{config}: Envoy {gw.url}, service {gw.admin_url}, real vLLM {gw.real} "
-              f"(up in {gw.timings['start_s']:.0f} s)")
+        print(
+            f"\n{config}: Envoy {gw.url}, service {gw.admin_url}, real vLLM {gw.real} "
+            f"(up in {gw.timings['start_s']:.0f} s)"
+        )
         yield config, gw
     finally:
         if request.session.testsfailed > failed_before:
@@ -102,8 +113,12 @@ def _service_knows_the_model(gw: Gateway) -> bool:
     if status != 200:
         return False
     (view,) = orjson.loads(text)["backends"]
-    return bool(view["endpoint"] == gw.real and view["freshness"] == "fresh" and view["healthy"]
-                and MODEL in view["models"])
+    return bool(
+        view["endpoint"] == gw.real
+        and view["freshness"] == "fresh"
+        and view["healthy"]
+        and MODEL in view["models"]
+    )
 
 
 @pytest.fixture
@@ -167,8 +182,9 @@ def _assert_served_by_real(config: str, gw: Gateway, r: Reply) -> None:
         assert r.headers.get(SERVED) == gw.real, r.headers  # Envoy's selected host
 
 
-async def _vllm_2xx_grows(http: aiohttp.ClientSession, gw: Gateway, before: dict[str, float],
-                          by: int) -> None:
+async def _vllm_2xx_grows(
+    http: aiohttp.ClientSession, gw: Gateway, before: dict[str, float], by: int
+) -> None:
     async def grown() -> bool:
         now = await vllm_chat_requests(http, gw.real_url)
         return now.get("2xx", 0.0) - before.get("2xx", 0.0) == by
@@ -199,19 +215,29 @@ async def test_chat_completion_comes_from_the_real_vllm(
 
     async def counted() -> dict[str, float] | None:
         grew = _grew_by(tokens_before, await objective_tokens(http, gw.admin_url))
-        want = {"input_count": 1.0, "input_sum": float(usage["prompt_tokens"]),
-                "output_count": 1.0, "output_sum": 8.0}
+        want = {
+            "input_count": 1.0,
+            "input_sum": float(usage["prompt_tokens"]),
+            "output_count": 1.0,
+            "output_sum": 8.0,
+        }
         return grew if grew == want else None
 
     await eventually(counted, timeout=10, what="GIE token series counted the chat's usage")
-    _record(figures, config, "chat", {
-        "status": r.status,
-        "seconds": round(chat_s, 3),
-        # FULL_DUPLEX_STREAMED response: Envoy drops vLLM's content-length and sends chunked.
-        "response_framing": "content-length" if "content-length" in r.headers
-        else r.headers.get("transfer-encoding", "?"),
-        "usage": {k: usage[k] for k in ("prompt_tokens", "completion_tokens")},
-    })
+    _record(
+        figures,
+        config,
+        "chat",
+        {
+            "status": r.status,
+            "seconds": round(chat_s, 3),
+            # FULL_DUPLEX_STREAMED response: Envoy drops vLLM's content-length and sends chunked.
+            "response_framing": "content-length"
+            if "content-length" in r.headers
+            else r.headers.get("transfer-encoding", "?"),
+            "usage": {k: usage[k] for k in ("prompt_tokens", "completion_tokens")},
+        },
+    )
 
 
 @dataclass
@@ -228,11 +254,12 @@ class Stream:
 
     def events(self) -> list[dict[str, Any]]:
         """The JSON events (``data: [DONE]`` excluded)."""
-        return [orjson.loads(ln[len(b"data:"):]) for ln in self.lines if ln != b"data: [DONE]"]
+        return [orjson.loads(ln[len(b"data:") :]) for ln in self.lines if ln != b"data: [DONE]"]
 
     def text(self) -> str:
-        return "".join((e["choices"][0]["delta"].get("content") or "")
-                       for e in self.events() if e["choices"])
+        return "".join(
+            (e["choices"][0]["delta"].get("content") or "") for e in self.events() if e["choices"]
+        )
 
     @property
     def arrivals(self) -> list[float]:
@@ -255,8 +282,14 @@ async def test_stream_arrives_chunk_by_chunk_and_its_usage_is_counted(
     gateway: tuple[str, Gateway], http: aiohttp.ClientSession, figures: dict[str, Any]
 ) -> None:
     config, gw = gateway
-    body = chat("count to many", max_tokens=STREAM_TOKENS, ignore_eos=True, temperature=0,
-                stream=True, stream_options={"include_usage": True})
+    body = chat(
+        "count to many",
+        max_tokens=STREAM_TOKENS,
+        ignore_eos=True,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     tokens_before = await objective_tokens(http, gw.admin_url)
     st = await read_stream(http, gw.url, body)
     _assert_served_by_real(config, gw, Reply(200, st.headers, b""))
@@ -271,8 +304,10 @@ async def test_stream_arrives_chunk_by_chunk_and_its_usage_is_counted(
     # response_body_mode BUFFERED, 2 reads of 401 lines, both at 1.67 s).
     arrivals = st.arrivals
     first, last = arrivals[0], arrivals[-1]
-    print(f"\n{config}: {len(lines)} data lines in {len(arrivals)} reads, "
-          f"first at {first * 1000:.0f} ms, last at {last * 1000:.0f} ms")
+    print(
+        f"\n{config}: {len(lines)} data lines in {len(arrivals)} reads, "
+        f"first at {first * 1000:.0f} ms, last at {last * 1000:.0f} ms"
+    )
     assert len(arrivals) >= 5, f"only {len(arrivals)} reads carried the {len(lines)} data lines"
     assert last - first >= 0.2 and first < last / 3, (first, last)
 
@@ -280,8 +315,12 @@ async def test_stream_arrives_chunk_by_chunk_and_its_usage_is_counted(
 
     async def counted() -> dict[str, float] | None:
         grew = _grew_by(tokens_before, await objective_tokens(http, gw.admin_url))
-        want = {"input_count": 1.0, "input_sum": float(usage["prompt_tokens"]),
-                "output_count": 1.0, "output_sum": float(STREAM_TOKENS)}
+        want = {
+            "input_count": 1.0,
+            "input_sum": float(usage["prompt_tokens"]),
+            "output_count": 1.0,
+            "output_sum": float(STREAM_TOKENS),
+        }
         return grew if grew == want else None
 
     grew = await eventually(counted, timeout=10, what="GIE token series counted the stream's usage")
@@ -291,27 +330,42 @@ async def test_stream_arrives_chunk_by_chunk_and_its_usage_is_counted(
     direct = await read_stream(http, gw.real_url, body)
     assert st.text() and st.text() == direct.text()
     assert final["usage"] == direct.events()[-1]["usage"]
-    _record(figures, config, "stream", {
-        "max_tokens": STREAM_TOKENS,
-        "data_lines": len(lines),
-        "reads_with_data": len(arrivals),
-        "first_data_ms": round(first * 1000),
-        "last_data_ms": round(last * 1000),
-        "direct": {"data_lines": len(direct.lines), "reads_with_data": len(direct.arrivals),
-                   "first_data_ms": round(direct.arrivals[0] * 1000),
-                   "last_data_ms": round(direct.arrivals[-1] * 1000)},
-        "usage": {k: usage[k] for k in ("prompt_tokens", "completion_tokens")},
-        "service_tokens_grew_by": grew,
-    })
+    _record(
+        figures,
+        config,
+        "stream",
+        {
+            "max_tokens": STREAM_TOKENS,
+            "data_lines": len(lines),
+            "reads_with_data": len(arrivals),
+            "first_data_ms": round(first * 1000),
+            "last_data_ms": round(last * 1000),
+            "direct": {
+                "data_lines": len(direct.lines),
+                "reads_with_data": len(direct.arrivals),
+                "first_data_ms": round(direct.arrivals[0] * 1000),
+                "last_data_ms": round(direct.arrivals[-1] * 1000),
+            },
+            "usage": {k: usage[k] for k in ("prompt_tokens", "completion_tokens")},
+            "service_tokens_grew_by": grew,
+        },
+    )
 
 
 def _big_body() -> bytes:
     """~1 MB: an extra field vLLM accepts and ignores (its request models allow extra fields),
     then the real request; ``messages`` last, so a cut body would lack them."""
     pad = "".join(random.Random(8).choices(string.ascii_letters + string.digits, k=BODY_BYTES))
-    raw = orjson.dumps({"padding": pad, "model": MODEL, "max_tokens": 16, "ignore_eos": True,
-                        "temperature": 0,
-                        "messages": [{"role": "user", "content": "what follows is padding"}]})
+    raw = orjson.dumps(
+        {
+            "padding": pad,
+            "model": MODEL,
+            "max_tokens": 16,
+            "ignore_eos": True,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "what follows is padding"}],
+        }
+    )
     assert len(raw) > BODY_BYTES
     return raw
 
@@ -321,19 +375,25 @@ async def _in_pieces(raw: bytes) -> AsyncIterator[bytes]:
         yield raw[i : i + PIECE]
 
 
-async def _upload(http: aiohttp.ClientSession, url: str, raw: bytes,
-                  how: str) -> tuple[Reply, dict[str, str], float]:
+async def _upload(
+    http: aiohttp.ClientSession, url: str, raw: bytes, how: str
+) -> tuple[Reply, dict[str, str], float]:
     """POST ``raw``: ``content-length``, ``chunked`` (an async generator: aiohttp sends
     Transfer-Encoding: chunked and no content-length) or ``expect-100`` (content-length and
     ``Expect: 100-continue``, what curl does for bodies over 1 MB). Returns the reply, the
     request headers as sent, and the seconds it took."""
     t = time.monotonic()
     data: bytes | AsyncIterator[bytes] = _in_pieces(raw) if how == "chunked" else raw
-    async with http.post(url + CHAT, data=data, headers={"content-type": "application/json"},
-                         expect100=how == "expect-100") as resp:
+    async with http.post(
+        url + CHAT,
+        data=data,
+        headers={"content-type": "application/json"},
+        expect100=how == "expect-100",
+    ) as resp:
         sent = {k.lower(): v for k, v in resp.request_info.headers.items()}
-        reply = Reply(resp.status, {k.lower(): v for k, v in resp.headers.items()},
-                      await resp.read(), t)
+        reply = Reply(
+            resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read(), t
+        )
     return reply, sent, time.monotonic() - t
 
 
@@ -396,8 +456,13 @@ async def test_bad_json_and_unknown_model_are_the_services_answers(
 
     grew = await eventually(one_more, timeout=10, what="real vLLM counted the direct bad request")
     assert {k: v for k, v in grew.items() if v} == {"4xx": 1.0}, grew
-    _record(figures, config, "errors", {
-        "bad_json": [r.status, err["code"]],
-        "unknown_model": [unknown.status, err404["code"]],
-        "reached_vllm": 0,
-    })
+    _record(
+        figures,
+        config,
+        "errors",
+        {
+            "bad_json": [r.status, err["code"]],
+            "unknown_model": [unknown.status, err404["code"]],
+            "reached_vllm": 0,
+        },
+    )

@@ -71,8 +71,13 @@ def _prompt(tag: str) -> str:
 async def _in_pool_and_idle(http: aiohttp.ClientSession, gw: Gateway) -> dict[str, Any]:
     async def ok() -> dict[str, Any] | None:
         v = await backend_view(http, gw.admin_url, gw.real)
-        if (v["freshness"] == "fresh" and v["healthy"] and v["running"] == 0 and v["waiting"] == 0
-                and not await is_suspect(http, gw.admin_url, gw.real)):
+        if (
+            v["freshness"] == "fresh"
+            and v["healthy"]
+            and v["running"] == 0
+            and v["waiting"] == 0
+            and not await is_suspect(http, gw.admin_url, gw.real)
+        ):
             return v
         return None
 
@@ -86,8 +91,9 @@ def _served_by_real(r: Reply) -> bool:
     return not r.pod and b'"system_fingerprint":"vllm-' in r.body
 
 
-async def _until_real(http: aiohttp.ClientSession, gw: Gateway, *, tag: str, want: int = 1,
-                      limit: int = 60) -> tuple[list[Reply], Counter[str]]:
+async def _until_real(
+    http: aiohttp.ClientSession, gw: Gateway, *, tag: str, want: int = 1, limit: int = 60
+) -> tuple[list[Reply], Counter[str]]:
     """Gateway requests one after another until ``want`` were served by the real vLLM (or
     ``limit``). Returns the replies and who served them (the real vLLM's ip:port or a sim's)."""
     replies: list[Reply] = []
@@ -110,7 +116,9 @@ def _picked_elsewhere(replies: list[Reply]) -> int:
 
 
 # ----------------------------------------------------------------------------------------- 1
-async def test_parser_reads_the_live_real_metrics_page(gw: Gateway, figures: dict[str, Any]) -> None:
+async def test_parser_reads_the_live_real_metrics_page(
+    gw: Gateway, figures: dict[str, Any]
+) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(gw.real_url + "/metrics") as r:
             assert r.status == 200
@@ -128,10 +136,23 @@ async def test_parser_reads_the_live_real_metrics_page(gw: Gateway, figures: dic
 
         # Load read from the live page: 12 direct requests on 4 sequence slots. The service's
         # numbers are sampled every 50 ms until they have all been answered.
-        load = [asyncio.create_task(post(
-            http, gw.real_url,
-            {"model": MODEL, "prompt": _prompt("load"), "max_tokens": 300, "ignore_eos": True},
-            path="/v1/completions", timeout=120)) for _ in range(12)]
+        load = [
+            asyncio.create_task(
+                post(
+                    http,
+                    gw.real_url,
+                    {
+                        "model": MODEL,
+                        "prompt": _prompt("load"),
+                        "max_tokens": 300,
+                        "ignore_eos": True,
+                    },
+                    path="/v1/completions",
+                    timeout=120,
+                )
+            )
+            for _ in range(12)
+        ]
         seen: list[tuple[float, float]] = []
         try:
             deadline = time.monotonic() + 120
@@ -164,8 +185,7 @@ async def test_warm_up_traffic_reaches_the_real_vllm(gw: Gateway, figures: dict[
         # Every request was served where the service said (x-routed-endpoint).
         assert all((r.endpoint == gw.real) == _served_by_real(r) for r in replies)
         assert all(r.pod == r.endpoint for r in replies if not _served_by_real(r))
-        figures["warm_up"] = {"requests": len(replies), "served_by": dict(counts),
-                              "real": gw.real}
+        figures["warm_up"] = {"requests": len(replies), "served_by": dict(counts), "real": gw.real}
 
 
 # ----------------------------------------------------------------------------------------- 3
@@ -179,13 +199,22 @@ async def _scrape_counts(http: aiohttp.ClientSession, gw: Gateway) -> dict[str, 
     return out
 
 
-def _delta(after: dict[str, dict[str, float]], before: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {name: {res: v - before.get(name, {}).get(res, 0.0) for res, v in results.items()
-                   if v - before.get(name, {}).get(res, 0.0)}
-            for name, results in after.items()}
+def _delta(
+    after: dict[str, dict[str, float]], before: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    return {
+        name: {
+            res: v - before.get(name, {}).get(res, 0.0)
+            for res, v in results.items()
+            if v - before.get(name, {}).get(res, 0.0)
+        }
+        for name, results in after.items()
+    }
 
 
-async def test_burst_on_the_real_vllm_is_routed_around(gw: Gateway, figures: dict[str, Any]) -> None:
+async def test_burst_on_the_real_vllm_is_routed_around(
+    gw: Gateway, figures: dict[str, Any]
+) -> None:
     names = gw.names()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         await _in_pool_and_idle(http, gw)
@@ -204,15 +233,22 @@ async def test_burst_on_the_real_vllm_is_routed_around(gw: Gateway, figures: dic
                 with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, StopIteration):
                     g = await service_gauges(http, gw.admin_url)
                     v = await backend_view(http, gw.admin_url, gw.real)
-                    monitor.append({
-                        "t": round(t - t_burst, 2),
-                        "admin_ms": round((time.monotonic() - t) * 1000),
-                        "suspect": sorted(n for ep, n in names.items()
-                                          if g.get(("extproc_backend_suspect", ep)) == 1.0),
-                        "timeouts": {n: g.get(("extproc_scrapes_total:timeout", ep), 0.0)
-                                     for ep, n in names.items()},
-                        "real": [v["freshness"], v["running"], v["waiting"]],
-                    })
+                    monitor.append(
+                        {
+                            "t": round(t - t_burst, 2),
+                            "admin_ms": round((time.monotonic() - t) * 1000),
+                            "suspect": sorted(
+                                n
+                                for ep, n in names.items()
+                                if g.get(("extproc_backend_suspect", ep)) == 1.0
+                            ),
+                            "timeouts": {
+                                n: g.get(("extproc_scrapes_total:timeout", ep), 0.0)
+                                for ep, n in names.items()
+                            },
+                            "real": [v["freshness"], v["running"], v["waiting"]],
+                        }
+                    )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.25)
 
@@ -223,10 +259,17 @@ async def test_burst_on_the_real_vllm_is_routed_around(gw: Gateway, figures: dic
         async def burst_one(i: int) -> Reply:
             try:
                 return await post(
-                    http, gw.real_url,
-                    {"model": MODEL, "prompt": f"Burst request number {i}",
-                     "max_tokens": BURST_MAX_TOKENS, "ignore_eos": True},
-                    path="/v1/completions", timeout=300)
+                    http,
+                    gw.real_url,
+                    {
+                        "model": MODEL,
+                        "prompt": f"Burst request number {i}",
+                        "max_tokens": BURST_MAX_TOKENS,
+                        "ignore_eos": True,
+                    },
+                    path="/v1/completions",
+                    timeout=300,
+                )
             finally:
                 done_at.append(time.monotonic())
 
@@ -235,11 +278,13 @@ async def test_burst_on_the_real_vllm_is_routed_around(gw: Gateway, figures: dic
 
         cpu_before, load_before = cpu_by_part(gw), os.getloadavg()[0]
         burst = [asyncio.create_task(burst_one(i)) for i in range(BURST)]
+
         async def gateway_one(k: int) -> tuple[Reply, float]:
             # Each at its own slot, not after the previous one: a request that is slow (queued
             # somewhere) must not push the others out of the burst.
-            await asyncio.sleep(max(0.0, t_burst + GATEWAY_START_S + k * GATEWAY_SPACING_S
-                                    - time.monotonic()))
+            await asyncio.sleep(
+                max(0.0, t_burst + GATEWAY_START_S + k * GATEWAY_SPACING_S - time.monotonic())
+            )
             r = await post(http, gw.url, chat(_prompt("during")), timeout=120)
             return r, time.monotonic() - r.t
 
@@ -252,8 +297,9 @@ async def test_burst_on_the_real_vllm_is_routed_around(gw: Gateway, figures: dic
             results = await asyncio.wait_for(asyncio.gather(*burst, return_exceptions=True), 360)
             burst_s = time.monotonic() - t_burst
             cpu = {k: round(v - cpu_before[k], 1) for k, v in cpu_by_part(gw).items()}
-            cpu["others_on_the_box"] = round(cpu["box_busy"] - sum(
-                v for k, v in cpu.items() if k != "box_busy"), 1)
+            cpu["others_on_the_box"] = round(
+                cpu["box_busy"] - sum(v for k, v in cpu.items() if k != "box_busy"), 1
+            )
             await asyncio.sleep(1.0)
         finally:
             stop.set()
@@ -273,24 +319,35 @@ async def test_burst_on_the_real_vllm_is_routed_around(gw: Gateway, figures: dic
         stalls = [(round(a - t_off, 1), d) for a, d in probe.stalls()]  # (s into burst, s)
         suspect_seen = [s["t"] for s in monitor if "real" in s["suspect"]]
         lat = [x for _, x in probe.samples if x is not None]
-        gateway = [{"t": round(r.t - t_burst, 2), "took_ms": round(d * 1000), "status": r.status,
-                    "picked": names.get(r.endpoint, r.endpoint or "-"),
-                    "served_by": "real" if _served_by_real(r) else names.get(r.pod, r.pod),
-                    # Decided at most Envoy's 0.5 s message_timeout after sending.
-                    "reason": r.reason or "-", "burst_outstanding": outstanding(r.t + min(d, 0.6))}
-                   for r, d in zip(during, took)]
+        gateway = [
+            {
+                "t": round(r.t - t_burst, 2),
+                "took_ms": round(d * 1000),
+                "status": r.status,
+                "picked": names.get(r.endpoint, r.endpoint or "-"),
+                "served_by": "real" if _served_by_real(r) else names.get(r.pod, r.pod),
+                # Decided at most Envoy's 0.5 s message_timeout after sending.
+                "reason": r.reason or "-",
+                "burst_outstanding": outstanding(r.t + min(d, 0.6)),
+            }
+            for r, d in zip(during, took)
+        ]
         busy = [g for g in gateway if g["burst_outstanding"] >= BUSY_OUTSTANDING]
         for sample in monitor:
             sample["burst_outstanding"] = outstanding(t_burst + sample["t"])
         all_suspect = [s["t"] for s in monitor if len(s["suspect"]) == len(names)]
         sims_suspect = [s["t"] for s in monitor if any(n != "real" for n in s["suspect"])]
         figures["burst"] = {
-            "burst_requests": BURST, "burst_ok": burst_ok, "burst_s": round(burst_s, 1),
+            "burst_requests": BURST,
+            "burst_ok": burst_ok,
+            "burst_s": round(burst_s, 1),
             # CPU seconds used during the burst (the box has os.cpu_count() cores).
-            "cpu_s_during_burst": cpu, "cores": os.cpu_count(),
+            "cpu_s_during_burst": cpu,
+            "cores": os.cpu_count(),
             "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "metrics_probe_timeline_s_into_burst": " ".join(
-                f"{t - t_off:.1f}:{probe.mark(t, x)}" for t, x in probe.samples),
+                f"{t - t_off:.1f}:{probe.mark(t, x)}" for t, x in probe.samples
+            ),
             "metrics_probe_late": len(probe.late),
             "metrics_stalls_start_s_into_burst_and_duration_s": stalls,
             "longest_metrics_stall_s": round(probe.longest_stall(), 1),
@@ -309,20 +366,25 @@ async def test_burst_on_the_real_vllm_is_routed_around(gw: Gateway, figures: dic
             "back_in_pool_after_drain_s": round(back_s, 1),
             "gateway_after": {"requests_until_real": len(after), "served_by": dict(after_counts)},
         }
-        print(f"\nburst: {burst_ok}/{BURST} ok in {burst_s:.1f} s; /metrics probe (0.5 s timeout, "
-              f"every 0.5 s): longest stall {probe.longest_stall():.1f} s, stalls {stalls}; "
-              f"service scrapes during: {scrapes_during}; real suspect seen at {suspect_seen}; "
-              f"gateway during burst served by {dict(_served(during, gw))}; after the drain back "
-              f"in {back_s:.1f} s, {len(after)} request(s) until one was served by the real vLLM; "
-              f"CPU s during the burst ({os.cpu_count()} cores x {burst_s:.1f} s): {cpu}")
+        print(
+            f"\nburst: {burst_ok}/{BURST} ok in {burst_s:.1f} s; /metrics probe (0.5 s timeout, "
+            f"every 0.5 s): longest stall {probe.longest_stall():.1f} s, stalls {stalls}; "
+            f"service scrapes during: {scrapes_during}; real suspect seen at {suspect_seen}; "
+            f"gateway during burst served by {dict(_served(during, gw))}; after the drain back "
+            f"in {back_s:.1f} s, {len(after)} request(s) until one was served by the real vLLM; "
+            f"CPU s during the burst ({os.cpu_count()} cores x {burst_s:.1f} s): {cpu}"
+        )
         for g in gateway:
             print(f"  gateway {g}")
 
-        assert burst_ok == BURST, [x for x in results if not (isinstance(x, Reply) and x.status == 200)][:3]
+        assert burst_ok == BURST, [
+            x for x in results if not (isinstance(x, Reply) and x.status == 200)
+        ][:3]
         assert all(r.status == 200 for r in during), [(r.status, r.body[:200]) for r in during]
         assert len(busy) >= GATEWAY_DURING_BURST // 2, (
             f"only {len(busy)} gateway requests went out while >= {BUSY_OUTSTANDING} burst requests "
-            f"were outstanding (box too slow?): {gateway}")
+            f"were outstanding (box too slow?): {gateway}"
+        )
         routed_to_real = [g for g in busy if "real" in (g["picked"], g["served_by"])]
         # picked "-": the service gave no answer within Envoy's ext_proc message_timeout and
         # Envoy's fallback policy (least_request, blind to load sent around it) chose.
@@ -332,30 +394,41 @@ async def test_burst_on_the_real_vllm_is_routed_around(gw: Gateway, figures: dic
             f" picked by the service, {sum(g['picked'] == '-' for g in routed_to_real)} by Envoy's "
             "fallback after an ext_proc timeout); the service's view around them (suspect = "
             "backends the service held suspect; admin_ms = its admin answer time): "
-            + str([s for s in monitor if any(abs(s["t"] - g["t"]) <= 1.0 for g in routed_to_real)]))
+            + str([s for s in monitor if any(abs(s["t"] - g["t"]) <= 1.0 for g in routed_to_real)])
+        )
         # The bug this guards against: an idle-looking view of a server that is running a burst.
         # Whenever the service looked during the gateway requests, the real vLLM was either
         # suspect or showed it loaded (fresh, or stale after a late scrape round: last numbers).
-        window = [s for s in monitor if GATEWAY_START_S <= s["t"] <= gateway_done
-                  and s["burst_outstanding"] >= BUSY_OUTSTANDING]
+        window = [
+            s
+            for s in monitor
+            if GATEWAY_START_S <= s["t"] <= gateway_done
+            and s["burst_outstanding"] >= BUSY_OUTSTANDING
+        ]
         assert window
-        idle_looking = [s for s in window
-                        if "real" not in s["suspect"] and s["real"][1] + s["real"][2] < 4]
+        idle_looking = [
+            s for s in window if "real" not in s["suspect"] and s["real"][1] + s["real"][2] < 4
+        ]
         assert not idle_looking, idle_looking
         assert after_counts["real"] >= 1, after_counts
 
 
 # ----------------------------------------------------------------------------------------- 4
 async def test_sigstop_leaves_the_pool_within_2s_and_sigcont_brings_it_back(
-        gw: Gateway, figures: dict[str, Any]) -> None:
+    gw: Gateway, figures: dict[str, Any]
+) -> None:
     assert gw.vllm is not None
     async with aiohttp.ClientSession() as http:
         await _in_pool_and_idle(http, gw)
         gw.vllm.send_signal(signal.SIGSTOP)  # the whole group: API server, EngineCore, worker
         t_stop = time.monotonic()
         try:
-            await eventually(lambda: is_suspect(http, gw.admin_url, gw.real), timeout=2.0,
-                             interval=0.05, what="real vLLM suspect within 2 s of SIGSTOP")
+            await eventually(
+                lambda: is_suspect(http, gw.admin_url, gw.real),
+                timeout=2.0,
+                interval=0.05,
+                what="real vLLM suspect within 2 s of SIGSTOP",
+            )
             suspect_after = time.monotonic() - t_stop
             assert gw.vllm.state() == "stopped"
             await asyncio.sleep(max(0.0, t_stop + 2.0 - time.monotonic()))
@@ -381,14 +454,24 @@ async def test_sigstop_leaves_the_pool_within_2s_and_sigcont_brings_it_back(
         envoy_back_s = time.monotonic() - t_cont
         figures["sigstop"] = {
             "suspect_after_s": round(suspect_after, 2),
-            "gateway_during_stop": {"picked": dict(Counter(gw.names().get(r.endpoint, r.endpoint or "-")
-                                                           for r in during)),
-                                    "served_by": dict(_served(during, gw))},
+            "gateway_during_stop": {
+                "picked": dict(
+                    Counter(gw.names().get(r.endpoint, r.endpoint or "-") for r in during)
+                ),
+                "served_by": dict(_served(during, gw)),
+            },
             "statuses": dict(Counter(r.status for r in during)),
             "envoy_health_flags_while_stopped": envoy_flags_stopped,
-            "view_while_stopped": {k: view_stopped[k] for k in
-                                   ("freshness", "healthy", "overloaded", "consecutive_timeouts",
-                                    "last_error")},
+            "view_while_stopped": {
+                k: view_stopped[k]
+                for k in (
+                    "freshness",
+                    "healthy",
+                    "overloaded",
+                    "consecutive_timeouts",
+                    "last_error",
+                )
+            },
             "service_back_after_sigcont_s": round(back_s, 2),
             "envoy_health_flags_when_service_took_it_back": envoy_flags_back,
             "envoy_healthy_after_sigcont_s": round(envoy_back_s, 2),
@@ -396,11 +479,14 @@ async def test_sigstop_leaves_the_pool_within_2s_and_sigcont_brings_it_back(
             "requests_until_served_by_real": len(after),
             "picked_real_but_served_elsewhere": _picked_elsewhere(after),
         }
-        print(f"\nSIGSTOP: suspect after {suspect_after:.2f} s; gateway while stopped: "
-              f"{dict(_served(during, gw))} (Envoy: {envoy_flags_stopped}); SIGCONT: service "
-              f"takes it back after {back_s:.2f} s (Envoy: {envoy_flags_back}), first served by "
-              f"it after {served_s:.2f} s / {len(after)} request(s)")
+        print(
+            f"\nSIGSTOP: suspect after {suspect_after:.2f} s; gateway while stopped: "
+            f"{dict(_served(during, gw))} (Envoy: {envoy_flags_stopped}); SIGCONT: service "
+            f"takes it back after {back_s:.2f} s (Envoy: {envoy_flags_back}), first served by "
+            f"it after {served_s:.2f} s / {len(after)} request(s)"
+        )
         assert all(r.status == 200 for r in during), [(r.status, r.body[:200]) for r in during]
         assert not [r for r in during if r.endpoint == gw.real or _served_by_real(r)], Counter(
-            r.endpoint for r in during)
+            r.endpoint for r in during
+        )
         assert after_counts["real"] >= 1, after_counts

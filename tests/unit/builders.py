@@ -28,7 +28,14 @@ from extproc.strategies import FALLBACKS, STRATEGIES
 
 from .helpers import vm
 
-PHASES = ("request_headers", "request_body", "request_trailers", "response_headers", "response_body", "response_trailers")
+PHASES = (
+    "request_headers",
+    "request_body",
+    "request_trailers",
+    "response_headers",
+    "response_body",
+    "response_trailers",
+)
 BUFFERED_MODES = (ProcessingMode.BUFFERED, ProcessingMode.BUFFERED_PARTIAL)
 
 # -- pools -------------------------------------------------------------------------------
@@ -45,7 +52,9 @@ _gauge = st.one_of(
     st.floats(min_value=0, max_value=500, allow_nan=False),
 )
 _maybe = st.one_of(st.none(), _gauge)
-_counter = st.one_of(st.none(), st.sampled_from([0.0, 10.0, 1e12, math.inf, math.nan]), st.floats(0, 1e6))
+_counter = st.one_of(
+    st.none(), st.sampled_from([0.0, 10.0, 1e12, math.inf, math.nan]), st.floats(0, 1e6)
+)
 _small_int = st.one_of(st.none(), st.sampled_from([0, 1, 16, 2**40]), st.integers(0, 10_000))
 
 
@@ -55,7 +64,11 @@ def vllm_metrics(draw: st.DrawFn) -> VllmMetrics:
     base = vm(
         running=draw(_gauge),
         waiting=draw(_gauge),
-        kv=draw(st.one_of(st.none(), st.sampled_from([0.0, 0.5, 1.0, math.nan, math.inf]), st.floats(0, 1))),
+        kv=draw(
+            st.one_of(
+                st.none(), st.sampled_from([0.0, 0.5, 1.0, math.nan, math.inf]), st.floats(0, 1)
+            )
+        ),
         prompt=draw(_counter),
         gen=draw(_counter),
         ttft_sum=draw(_counter),
@@ -73,7 +86,8 @@ def vllm_metrics(draw: st.DrawFn) -> VllmMetrics:
 
 
 served_models = st.tuples(
-    st.frozensets(st.sampled_from(MODELS), max_size=4), st.frozensets(st.sampled_from(ADAPTERS), max_size=2)
+    st.frozensets(st.sampled_from(MODELS), max_size=4),
+    st.frozensets(st.sampled_from(ADAPTERS), max_size=2),
 ).map(lambda t: (t[0] | t[1], t[1]))  # adapters are served ids too
 
 
@@ -84,7 +98,9 @@ def supports_kwarg(fn: object, name: str) -> bool:
         return False
 
 
-FAILURE_KINDS = ("timeout", "error") + (("down",) if supports_kwarg(BackendRegistry.record_failure, "down") else ())
+FAILURE_KINDS = ("timeout", "error") + (
+    ("down",) if supports_kwarg(BackendRegistry.record_failure, "down") else ()
+)
 
 
 def record_failure(reg: BackendRegistry, rec: BackendRecord, kind: str) -> None:
@@ -139,7 +155,10 @@ def build_pool(reg: BackendRegistry, clock, urls: list[str], specs: list[Backend
 # -- route settings (gRPC initial metadata) ----------------------------------------------
 _number = st.sampled_from(["0", "1", "2.5", "1e308", "inf", "-1", "nan", "x", "", "1_0"])
 _pairs = st.lists(
-    st.tuples(st.sampled_from(["queue", "kv", "prefix", "lora", "abs", "rel", "bogus", ""]), _number), max_size=4
+    st.tuples(
+        st.sampled_from(["queue", "kv", "prefix", "lora", "abs", "rel", "bogus", ""]), _number
+    ),
+    max_size=4,
 ).map(lambda ps: ",".join(f"{k}={v}" if k else v for k, v in ps))
 _strategy_names = st.one_of(
     st.sampled_from(list(STRATEGIES)),
@@ -151,7 +170,10 @@ _printable = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_
 route_metadata = st.lists(
     st.one_of(
         st.tuples(st.just("x-extproc-strategy"), _strategy_names),
-        st.tuples(st.just("x-extproc-allow-client-strategy"), st.sampled_from(["true", "false", "0", "no", "OFF", "", "maybe"])),
+        st.tuples(
+            st.just("x-extproc-allow-client-strategy"),
+            st.sampled_from(["true", "false", "0", "no", "OFF", "", "maybe"]),
+        ),
         st.tuples(st.just("x-extproc-weights"), _pairs),
         st.tuples(st.just("x-extproc-prefix-guard"), _pairs),
         st.tuples(st.sampled_from(["x-extproc-other", "x-other", "user-agent"]), _printable),
@@ -163,8 +185,16 @@ route_metadata = st.lists(
 
 # -- messages ----------------------------------------------------------------------------
 PATHS = (
-    "/v1/chat/completions", "/v1/completions", "/v1/chat/completions?stream=1", "/v1/completions?",
-    "/v1/embeddings", "/v1/models", "/", "", "/V1/chat/completions", "/v1/chat/completions/",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/chat/completions?stream=1",
+    "/v1/completions?",
+    "/v1/embeddings",
+    "/v1/models",
+    "/",
+    "",
+    "/V1/chat/completions",
+    "/v1/chat/completions/",
 )
 _paths = st.one_of(st.sampled_from(PATHS), st.text(max_size=20))
 _strategy_header = st.one_of(_strategy_names, st.text(max_size=10))
@@ -182,13 +212,22 @@ def header_list(draw: st.DrawFn) -> list[base_pb2.HeaderValue]:
     if draw(st.integers(0, 3)) == 0:
         out.append(("x-routing-strategy", draw(_strategy_header)))
     if draw(st.booleans()):
-        out.append(("x-session-id", draw(st.one_of(st.sampled_from(["alice", "bob", ""]), _printable))))
+        out.append(
+            ("x-session-id", draw(st.one_of(st.sampled_from(["alice", "bob", ""]), _printable)))
+        )
     out += draw(
         st.lists(
             st.tuples(
                 st.one_of(
                     st.sampled_from(
-                        [":path", "x-routing-strategy", "x-session-id", DESTINATION_HEADER, "content-type", "X-Routing-Strategy"]
+                        [
+                            ":path",
+                            "x-routing-strategy",
+                            "x-session-id",
+                            DESTINATION_HEADER,
+                            "content-type",
+                            "X-Routing-Strategy",
+                        ]
                     ),
                     st.text(max_size=8),
                 ),
@@ -203,29 +242,52 @@ def header_list(draw: st.DrawFn) -> list[base_pb2.HeaderValue]:
         if form == 0:  # older Envoys fill `value`
             headers.append(base_pb2.HeaderValue(key=key, value=value))
         elif form == 1:  # raw bytes that are not UTF-8
-            headers.append(base_pb2.HeaderValue(key=key, raw_value=draw(st.binary(min_size=1, max_size=12)) + b"\xff"))
+            headers.append(
+                base_pb2.HeaderValue(
+                    key=key, raw_value=draw(st.binary(min_size=1, max_size=12)) + b"\xff"
+                )
+            )
         else:
             headers.append(base_pb2.HeaderValue(key=key, raw_value=value.encode()))
     return headers
 
 
 _json_scalar = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False, allow_infinity=False),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=12),
 )
 json_values = st.recursive(
-    _json_scalar, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=6
+    _json_scalar,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+    max_leaves=6,
 )
-_PREFIXES = ("", "You are a helpful assistant. " * 6, "Summarize the following document carefully. " * 8)
+_PREFIXES = (
+    "",
+    "You are a helpful assistant. " * 6,
+    "Summarize the following document carefully. " * 8,
+)
 _text = st.tuples(st.sampled_from(_PREFIXES), st.text(max_size=80)).map("".join)
-_model = st.one_of(st.sampled_from(MODELS), st.sampled_from(["nope", "", "a"]), st.text(max_size=12), json_values)
+_model = st.one_of(
+    st.sampled_from(MODELS), st.sampled_from(["nope", "", "a"]), st.text(max_size=12), json_values
+)
 _content = st.one_of(
-    _text, st.none(),
-    st.lists(st.one_of(st.fixed_dictionaries({"type": st.just("text"), "text": _text}), json_values), max_size=3),
+    _text,
+    st.none(),
+    st.lists(
+        st.one_of(st.fixed_dictionaries({"type": st.just("text"), "text": _text}), json_values),
+        max_size=3,
+    ),
     json_values,
 )
 _message = st.fixed_dictionaries(
-    {}, optional={"role": st.one_of(st.sampled_from(["user", "system", "assistant"]), json_values), "content": _content}
+    {},
+    optional={
+        "role": st.one_of(st.sampled_from(["user", "system", "assistant"]), json_values),
+        "content": _content,
+    },
 )
 _optional_fields = {
     "user": st.one_of(st.sampled_from(["alice", "bob"]), json_values),
@@ -238,7 +300,9 @@ valid_chat = st.fixed_dictionaries(
     {
         "model": st.sampled_from(MODELS + ("nope",)),
         "messages": st.lists(
-            st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": _text}), min_size=1, max_size=3
+            st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": _text}),
+            min_size=1,
+            max_size=3,
         ),
     },
     optional={"user": st.sampled_from(["alice", "bob"]), "stream": st.booleans()},
@@ -246,14 +310,21 @@ valid_chat = st.fixed_dictionaries(
 valid_completion = st.fixed_dictionaries(
     {
         "model": st.sampled_from(MODELS + ("nope",)),
-        "prompt": st.one_of(_text, st.lists(_text, min_size=1, max_size=2), st.lists(st.integers(0, 50_000), min_size=1, max_size=8)),
+        "prompt": st.one_of(
+            _text,
+            st.lists(_text, min_size=1, max_size=2),
+            st.lists(st.integers(0, 50_000), min_size=1, max_size=8),
+        ),
     }
 )
 openai_ish = st.fixed_dictionaries(
     {},
     optional={
-        "model": _model, "messages": st.one_of(st.lists(_message, max_size=3), json_values),
-        "prompt": st.one_of(_text, st.lists(st.one_of(_text, st.integers(0, 99)), max_size=3), json_values),
+        "model": _model,
+        "messages": st.one_of(st.lists(_message, max_size=3), json_values),
+        "prompt": st.one_of(
+            _text, st.lists(st.one_of(_text, st.integers(0, 99)), max_size=3), json_values
+        ),
         **_optional_fields,
     },
 )
@@ -272,11 +343,17 @@ def body_bytes(draw: st.DrawFn) -> bytes:
     if kind == 7:
         return orjson.dumps(draw(json_values))
     if kind == 8:
-        return draw(st.sampled_from([b"", b"null", b"[]", b"{}", b" {\"model\": \"A\"} ", b"\xff\xfe{", b"{" * 2000]))
+        return draw(
+            st.sampled_from(
+                [b"", b"null", b"[]", b"{}", b' {"model": "A"} ', b"\xff\xfe{", b"{" * 2000]
+            )
+        )
     return draw(st.binary(max_size=64))
 
 
-_body_modes = st.one_of(st.sampled_from([m for _, m in ProcessingMode.BodySendMode.items()]), st.integers(0, 2**31 - 1))
+_body_modes = st.one_of(
+    st.sampled_from([m for _, m in ProcessingMode.BodySendMode.items()]), st.integers(0, 2**31 - 1)
+)
 
 
 @st.composite
@@ -284,12 +361,21 @@ def request_headers_msg(draw: st.DrawFn, *, llm: bool = False) -> ep.ProcessingR
     headers = draw(header_list())
     if llm:  # an LLM request Envoy buffers: the service decides at the body
         # Last: a later duplicate would win.
-        headers.append(base_pb2.HeaderValue(key=":path", raw_value=draw(st.sampled_from(sorted(LLM_PATHS))).encode()))
+        headers.append(
+            base_pb2.HeaderValue(
+                key=":path", raw_value=draw(st.sampled_from(sorted(LLM_PATHS))).encode()
+            )
+        )
     req = ep.ProcessingRequest(
-        request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=headers), end_of_stream=draw(st.booleans()) and not llm)
+        request_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=headers),
+            end_of_stream=draw(st.booleans()) and not llm,
+        )
     )
     if llm or draw(st.booleans()):
-        req.protocol_config.request_body_mode = draw(st.sampled_from(BUFFERED_MODES)) if llm else draw(_body_modes)
+        req.protocol_config.request_body_mode = (
+            draw(st.sampled_from(BUFFERED_MODES)) if llm else draw(_body_modes)
+        )
         req.protocol_config.response_body_mode = draw(_body_modes)
         req.protocol_config.send_body_without_waiting_for_header_response = draw(st.booleans())
     return req
@@ -298,22 +384,36 @@ def request_headers_msg(draw: st.DrawFn, *, llm: bool = False) -> ep.ProcessingR
 @st.composite
 def request_body_msg(draw: st.DrawFn) -> ep.ProcessingRequest:
     eos = draw(st.integers(0, 3)) > 0
-    return ep.ProcessingRequest(request_body=ep.HttpBody(body=draw(body_bytes()), end_of_stream=eos))
+    return ep.ProcessingRequest(
+        request_body=ep.HttpBody(body=draw(body_bytes()), end_of_stream=eos)
+    )
 
 
 @st.composite
 def other_phase_msg(draw: st.DrawFn) -> ep.ProcessingRequest:
-    kind = draw(st.sampled_from(["request_trailers", "response_headers", "response_body", "response_trailers", "empty"]))
+    kind = draw(
+        st.sampled_from(
+            ["request_trailers", "response_headers", "response_body", "response_trailers", "empty"]
+        )
+    )
     if kind == "empty":
         return ep.ProcessingRequest()
     if kind == "response_headers":
-        hv = [base_pb2.HeaderValue(key=":status", raw_value=draw(st.sampled_from([b"200", b"503", b"\xff"])))]
+        hv = [
+            base_pb2.HeaderValue(
+                key=":status", raw_value=draw(st.sampled_from([b"200", b"503", b"\xff"]))
+            )
+        ]
         return ep.ProcessingRequest(
-            response_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv), end_of_stream=draw(st.booleans()))
+            response_headers=ep.HttpHeaders(
+                headers=base_pb2.HeaderMap(headers=hv), end_of_stream=draw(st.booleans())
+            )
         )
     if kind == "response_body":
         return ep.ProcessingRequest(
-            response_body=ep.HttpBody(body=draw(st.binary(max_size=32)), end_of_stream=draw(st.booleans()))
+            response_body=ep.HttpBody(
+                body=draw(st.binary(max_size=32)), end_of_stream=draw(st.booleans())
+            )
         )
     trailers = ep.HttpTrailers(trailers=base_pb2.HeaderMap(headers=draw(header_list())))
     return ep.ProcessingRequest(**{kind: trailers})
@@ -399,7 +499,9 @@ def check_answer(req: ep.ProcessingRequest, raw: bytes, token: PickToken | None 
         for opt in common.header_mutation.set_headers:
             if opt.header.key.lower() == DESTINATION_HEADER:
                 assert phase == which, (phase, which)
-                header_values.append(opt.header.raw_value.decode() if opt.header.raw_value else opt.header.value)
+                header_values.append(
+                    opt.header.raw_value.decode() if opt.header.raw_value else opt.header.value
+                )
     assert len(header_values) <= 1, f"destination header set twice: {header_values}"
     md = resp.dynamic_metadata
     md_value = None
@@ -413,14 +515,21 @@ def check_answer(req: ep.ProcessingRequest, raw: bytes, token: PickToken | None 
         assert not header_values and md_value is None, "an immediate response must not route"
         for opt in imm.headers.set_headers:
             assert opt.header.key.lower() != DESTINATION_HEADER
-        assert [o.header.raw_value for o in imm.headers.set_headers if o.header.key.lower() == "content-type"] == [
-            b"application/json"
-        ]
+        assert [
+            o.header.raw_value
+            for o in imm.headers.set_headers
+            if o.header.key.lower() == "content-type"
+        ] == [b"application/json"]
         body = orjson.loads(imm.body)
         assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
         err = body["error"]
         assert {"message", "type", "code"} <= set(err), err
-        assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str) and err["type"]
+        assert (
+            isinstance(err["message"], str)
+            and err["message"]
+            and isinstance(err["type"], str)
+            and err["type"]
+        )
         assert token is None, "a rejected request must not hold a pick"
         return Answer(which, status=imm.status.code, error_code=err["code"])
 
@@ -428,7 +537,9 @@ def check_answer(req: ep.ProcessingRequest, raw: bytes, token: PickToken | None 
         assert token is None, "a pick that Envoy is not told about"
         return Answer(which)
     assert which in ("request_headers", "request_body"), f"routing in a {which} answer"
-    assert header_values and md_value is not None, "header and envoy.lb metadata must both carry the destination"
+    assert header_values and md_value is not None, (
+        "header and envoy.lb metadata must both carry the destination"
+    )
     assert header_values[0] == md_value, (header_values, md_value)
     endpoints = parse_endpoints(md_value)
     assert all(endpoints), f"empty element in {md_value!r}"
@@ -449,7 +560,9 @@ def body_model(body: bytes) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
-def check_routing(answer: Answer, snap: Snapshot, model: str | None, registry: BackendRegistry) -> None:
+def check_routing(
+    answer: Answer, snap: Snapshot, model: str | None, registry: BackendRegistry
+) -> None:
     """The pick and its fallbacks are backends of the snapshot, within the model's pool."""
     if not answer.endpoints:
         return
@@ -467,7 +580,9 @@ def check_routing(answer: Answer, snap: Snapshot, model: str | None, registry: B
             pool = snap.models_unknown
         for e in answer.endpoints:
             assert e in members, f"{e} does not serve model {model!r} (pool {sorted(members)})"
-        assert pick in {b.endpoint for b in pool.eligible}, f"pick {pick} is not eligible in the {model!r} pool"
+        assert pick in {b.endpoint for b in pool.eligible}, (
+            f"pick {pick} is not eligible in the {model!r} pool"
+        )
     else:
         assert pick in {b.endpoint for b in snap.everyone.eligible}, f"pick {pick} is not eligible"
 
@@ -526,7 +641,11 @@ class InflightModel:
             assert (r.inflight, r.pending) == (inflight, pending), (
                 f"{r.endpoint} (slot {r.slot}): inflight/pending {(r.inflight, r.pending)}, expected {(inflight, pending)}"
             )
-            assert sum(r.open_by_generation.values()) == r.pending, (r.endpoint, r.open_by_generation, r.pending)
+            assert sum(r.open_by_generation.values()) == r.pending, (
+                r.endpoint,
+                r.open_by_generation,
+                r.pending,
+            )
         assert registry.snapshot().pending == tuple(r.pending for r in registry.records)
 
 

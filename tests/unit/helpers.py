@@ -19,9 +19,21 @@ def vm(
     models: tuple[str, ...] = ("m",),
 ) -> VllmMetrics:
     return VllmMetrics(
-        running=running, waiting=waiting, kv_cache_usage=kv, prompt_tokens=prompt, generation_tokens=gen,
-        ttft_sum=ttft_sum, ttft_count=ttft_count, prefix_cache_queries=None, prefix_cache_hits=None,
-        block_size=16, num_gpu_blocks=1000, models=models, lora_running=(), lora_waiting=(), max_lora=None,
+        running=running,
+        waiting=waiting,
+        kv_cache_usage=kv,
+        prompt_tokens=prompt,
+        generation_tokens=gen,
+        ttft_sum=ttft_sum,
+        ttft_count=ttft_count,
+        prefix_cache_queries=None,
+        prefix_cache_hits=None,
+        block_size=16,
+        num_gpu_blocks=1000,
+        models=models,
+        lora_running=(),
+        lora_waiting=(),
+        max_lora=None,
     )
 
 
@@ -36,7 +48,9 @@ class FakeClock:
         self.t += dt
 
 
-def registry(n: int, clock: FakeClock | None = None, *, stale_after: float = 1.0, max_age: float = 10.0) -> tuple[BackendRegistry, FakeClock]:
+def registry(
+    n: int, clock: FakeClock | None = None, *, stale_after: float = 1.0, max_age: float = 10.0
+) -> tuple[BackendRegistry, FakeClock]:
     clock = clock or FakeClock()
     reg = BackendRegistry(stale_after=stale_after, max_metrics_age=max_age, clock=clock)
     reg.set_backends([f"http://10.0.0.{i + 1}:8000" for i in range(n)])

@@ -41,7 +41,9 @@ async def admin() -> AsyncIterator[Admin]:
     registry.set_backends(URLS)
     metrics = Metrics()
     metrics.attach_backends(registry)
-    settings = load_settings({"backend": URLS, "strategy": "least-request", "scrape_interval": 0.25})
+    settings = load_settings(
+        {"backend": URLS, "strategy": "least-request", "scrape_interval": 0.25}
+    )
     client = TestClient(TestServer(build_admin_app(registry, metrics, settings), host="127.0.0.1"))
     await client.start_server()
     try:
@@ -106,7 +108,10 @@ async def test_backends_reports_each_backend_state(admin: Admin) -> None:
 
     broken = views["10.0.0.3:8000"]
     assert broken["healthy"] is False
-    assert broken["consecutive_failures"] == UNHEALTHY_AFTER_FAILURES and broken["last_error"] == "HTTP 500"
+    assert (
+        broken["consecutive_failures"] == UNHEALTHY_AFTER_FAILURES
+        and broken["last_error"] == "HTTP 500"
+    )
 
     admin.registry.on_done(token)  # the request ended
     views = {b["endpoint"]: b for b in (await get_json(admin, "/backends"))["backends"]}
@@ -137,7 +142,12 @@ async def test_settings_are_the_effective_configuration(admin: Admin) -> None:
     assert data["scrape_interval"] == 0.25
     assert data["backend"] == URLS
     assert data["fallback"] == "random"  # a default
-    assert data == load_settings({"backend": URLS, "strategy": "least-request", "scrape_interval": 0.25}).model_dump()
+    assert (
+        data
+        == load_settings(
+            {"backend": URLS, "strategy": "least-request", "scrape_interval": 0.25}
+        ).model_dump()
+    )
 
 
 async def test_metrics_is_prometheus_text_with_live_backend_gauges(admin: Admin) -> None:
@@ -153,14 +163,25 @@ async def test_metrics_is_prometheus_text_with_live_backend_gauges(admin: Admin)
         for fam in text_string_to_metric_families(await r.text())
         for s in fam.samples
     }
-    assert samples[("extproc_decisions_total", (("reason", "metrics"), ("strategy", "least-request")))] == 1
+    assert (
+        samples[("extproc_decisions_total", (("reason", "metrics"), ("strategy", "least-request")))]
+        == 1
+    )
     assert samples[("extproc_scrapes_total", (("backend", "10.0.0.1:8000"), ("result", "ok")))] == 1
-    assert samples[("extproc_scrapes_total", (("backend", "10.0.0.3:8000"), ("result", "http_error")))] == 3
+    assert (
+        samples[("extproc_scrapes_total", (("backend", "10.0.0.3:8000"), ("result", "http_error")))]
+        == 3
+    )
     assert samples[("extproc_backend_healthy", (("backend", "10.0.0.1:8000"),))] == 1
     assert samples[("extproc_backend_healthy", (("backend", "10.0.0.3:8000"),))] == 0
     assert samples[("extproc_inflight_requests", (("backend", "10.0.0.1:8000"),))] == 1
-    assert samples[("extproc_backend_state", (("backend", "10.0.0.1:8000"), ("state", "fresh")))] == 1
-    assert samples[("extproc_backend_state", (("backend", "10.0.0.2:8000"), ("state", "unknown")))] == 1
+    assert (
+        samples[("extproc_backend_state", (("backend", "10.0.0.1:8000"), ("state", "fresh")))] == 1
+    )
+    assert (
+        samples[("extproc_backend_state", (("backend", "10.0.0.2:8000"), ("state", "unknown")))]
+        == 1
+    )
     assert token is not None
     admin.registry.on_done(token)
     text = await (await admin.client.get("/metrics")).text()
@@ -173,7 +194,11 @@ async def test_unknown_path_is_404(admin: Admin) -> None:
 
 @pytest.mark.parametrize(
     ("address", "expected"),
-    [("127.0.0.1:9090", ("127.0.0.1", 9090)), ("[::1]:9090", ("::1", 9090)), (":9090", ("0.0.0.0", 9090))],
+    [
+        ("127.0.0.1:9090", ("127.0.0.1", 9090)),
+        ("[::1]:9090", ("::1", 9090)),
+        (":9090", ("0.0.0.0", 9090)),
+    ],
 )
 def test_split_address(address: str, expected: tuple[str, int]) -> None:
     assert split_address(address) == expected

@@ -14,19 +14,28 @@ from extproc.observability import Metrics
 from extproc.openai_request import RequestError, parse_request
 from extproc.processor import Processor, StreamState
 from extproc.route_settings import RouteSettings, RouteSettingsCache, parse_route_settings
-from extproc.strategies import FALLBACKS, Weights
+from extproc.strategies import FALLBACKS, STRATEGIES
 
 from .helpers import registry, scrape_ok, vm
 
 BUFFERED = ProcessingMode.BUFFERED
 
 
-def headers_req(path="/v1/chat/completions", end_of_stream=False, body_mode=BUFFERED, method="POST", **headers):
-    hv = [base_pb2.HeaderValue(key=":path", raw_value=path.encode()),
-          base_pb2.HeaderValue(key=":method", raw_value=method.encode())]
-    hv += [base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in headers.items()]
+def headers_req(
+    path="/v1/chat/completions", end_of_stream=False, body_mode=BUFFERED, method="POST", **headers
+):
+    hv = [
+        base_pb2.HeaderValue(key=":path", raw_value=path.encode()),
+        base_pb2.HeaderValue(key=":method", raw_value=method.encode()),
+    ]
+    hv += [
+        base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode())
+        for k, v in headers.items()
+    ]
     req = ep.ProcessingRequest(
-        request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv), end_of_stream=end_of_stream)
+        request_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=hv), end_of_stream=end_of_stream
+        )
     )
     if body_mode is not None:
         req.protocol_config.request_body_mode = body_mode
@@ -46,8 +55,14 @@ def make(models=(("A",), ("A",), ("B",)), max_body_bytes=1 << 20):
     reg, _ = registry(len(models))
     for i, m in enumerate(models):
         scrape_ok(reg, i, vm(running=i, models=m))
-    proc = Processor(reg, default_strategy="least-request", fallback=FALLBACKS["random"], metrics=Metrics(),
-                     rng=random.Random(0), max_body_bytes=max_body_bytes)
+    proc = Processor(
+        reg,
+        default_strategy="least-request",
+        fallback=FALLBACKS["random"],
+        metrics=Metrics(),
+        rng=random.Random(0),
+        max_body_bytes=max_body_bytes,
+    )
     return proc, reg
 
 
@@ -72,21 +87,28 @@ def test_decides_at_the_body_with_the_model_pool():
 
 def test_headers_only_mode_decides_at_headers():
     proc, _ = make()
-    resp = ep.ProcessingResponse.FromString(proc.handle(headers_req(body_mode=None), StreamState()).response)
+    resp = ep.ProcessingResponse.FromString(
+        proc.handle(headers_req(body_mode=None), StreamState()).response
+    )
     value = resp.request_headers.response.header_mutation.set_headers[0].header.raw_value
     assert value.split(b",")[0] == b"10.0.0.1:8000"
 
 
 def test_paths_not_understood_are_routed_without_the_body():
     proc, _ = make()
-    resp = ep.ProcessingResponse.FromString(proc.handle(headers_req(path="/v1/embeddings"), StreamState()).response)
+    resp = ep.ProcessingResponse.FromString(
+        proc.handle(headers_req(path="/v1/embeddings"), StreamState()).response
+    )
     assert resp.request_headers.response.HasField("header_mutation")
 
 
 def test_get_without_body_is_routed_at_headers():
     proc, _ = make()
     resp = ep.ProcessingResponse.FromString(
-        proc.handle(headers_req(path="/v1/chat/completions", end_of_stream=True, method="GET"), StreamState()).response
+        proc.handle(
+            headers_req(path="/v1/chat/completions", end_of_stream=True, method="GET"),
+            StreamState(),
+        ).response
     )
     assert resp.request_headers.response.HasField("header_mutation")
 
@@ -127,11 +149,18 @@ def test_model_not_found_lists_available_models():
 
 def test_completions_prompt_forms():
     for prompt in ["text", ["a", "b"], [1, 2, 3]]:
-        assert parse_request("/v1/completions", orjson.dumps({"model": "m", "prompt": prompt}), max_bytes=1000).model == "m"
+        assert (
+            parse_request(
+                "/v1/completions", orjson.dumps({"model": "m", "prompt": prompt}), max_bytes=1000
+            ).model
+            == "m"
+        )
     with pytest.raises(RequestError):
         parse_request("/v1/completions", orjson.dumps({"model": "m"}), max_bytes=1000)
     with pytest.raises(RequestError):
-        parse_request("/v1/completions", orjson.dumps({"model": "m", "prompt": [True]}), max_bytes=1000)
+        parse_request(
+            "/v1/completions", orjson.dumps({"model": "m", "prompt": [True]}), max_bytes=1000
+        )
 
 
 def test_session_key_from_header_or_user():
@@ -170,16 +199,36 @@ def test_route_can_forbid_the_client_header():
     assert resp.dynamic_metadata["extproc"]["strategy"] == "least-request"  # ignored, not a 400
 
 
+def guarded(abs_: float):
+    return STRATEGIES["prefix-cache"].with_params("prefix", {"guard_abs": abs_})
+
+
 def test_route_settings_parsing_and_bad_values_ignored():
-    s = parse_route_settings([
-        ("x-extproc-weights", "queue=1,prefix=5"), ("x-extproc-prefix-guard", "abs=8,rel=2"), ("other", "x"),
-    ])
-    assert s.weights == Weights(queue=1, kv=2, prefix=5, lora=1)
-    assert (s.prefix_guard_abs, s.prefix_guard_rel) == (8, 2)
-    base = RouteSettings(prefix_guard_abs=2.0)
-    assert parse_route_settings([("x-extproc-weights", "kv=1")], base).prefix_guard_abs == 2.0  # service default kept
-    bad = parse_route_settings([("x-extproc-weights", "queue=-1"), ("x-extproc-strategy", "nope")])
-    assert bad.weights == Weights() and bad.strategy is None
+    s = parse_route_settings(
+        [
+            ("x-extproc-weights", "queue=1,prefix=5"),
+            ("x-extproc-prefix-guard", "abs=8,rel=2"),
+            ("other", "x"),
+        ]
+    )
+    assert s.profiles["weighted"].weights == {"queue": 1, "kv": 2, "prefix": 5, "lora": 1}
+    assert s.profiles["prefix-cache"].uses[0].params == {"guard_abs": 8, "guard_rel": 2}
+    assert s.profiles["least-request"] is STRATEGIES["least-request"]  # the others untouched
+    service = guarded(2.0)
+    base = RouteSettings(profiles={**STRATEGIES, "prefix-cache": service})
+    # The service's own profiles are the base: its guard is kept under a route's weights.
+    assert (
+        parse_route_settings([("x-extproc-weights", "kv=1")], base).profiles["prefix-cache"]
+        is service
+    )
+    bad = parse_route_settings(
+        [
+            ("x-extproc-weights", "queue=-1"),
+            ("x-extproc-strategy", "nope"),
+            ("x-extproc-prefix-guard", "abs=1,far=2"),
+        ]
+    )
+    assert bad.profiles == STRATEGIES and bad.strategy is None
     cache = RouteSettingsCache()
     md = (("x-extproc-strategy", "session"),)
     assert cache.get(md) is cache.get(md)
@@ -189,7 +238,9 @@ def test_partial_body_is_413():
     proc, _ = make()
     state = StreamState()
     proc.handle(headers_req(body_mode=ProcessingMode.BUFFERED_PARTIAL), state)
-    partial = ep.ProcessingRequest(request_body=ep.HttpBody(body=b'{"model": "A", "mess', end_of_stream=False))
+    partial = ep.ProcessingRequest(
+        request_body=ep.HttpBody(body=b'{"model": "A", "mess', end_of_stream=False)
+    )
     resp = ep.ProcessingResponse.FromString(proc.handle(partial, state).response)
     assert resp.immediate_response.status.code == 413
     assert orjson.loads(resp.immediate_response.body)["error"]["code"] == "request_too_large"
@@ -200,18 +251,27 @@ def test_buffered_body_followed_by_trailers_is_routed_not_413():
     proc, _ = make()
     state = StreamState()
     proc.handle(headers_req(body_mode=BUFFERED), state)
-    body = ep.ProcessingRequest(request_body=ep.HttpBody(body=orjson.dumps(chat(model="B")), end_of_stream=False))
+    body = ep.ProcessingRequest(
+        request_body=ep.HttpBody(body=orjson.dumps(chat(model="B")), end_of_stream=False)
+    )
     resp = ep.ProcessingResponse.FromString(proc.handle(body, state).response)
     assert resp.WhichOneof("response") == "request_body"
-    assert resp.request_body.response.header_mutation.set_headers[0].header.raw_value == b"10.0.0.3:8000"
+    assert (
+        resp.request_body.response.header_mutation.set_headers[0].header.raw_value
+        == b"10.0.0.3:8000"
+    )
     trailers = ep.ProcessingRequest(request_trailers=ep.HttpTrailers())
-    assert ep.ProcessingResponse.FromString(proc.handle(trailers, state).response).HasField("request_trailers")
+    assert ep.ProcessingResponse.FromString(proc.handle(trailers, state).response).HasField(
+        "request_trailers"
+    )
 
 
 def test_partial_mode_whole_body_with_trailers_is_routed():
     proc, _ = make()
     state = StreamState()
     proc.handle(headers_req(body_mode=ProcessingMode.BUFFERED_PARTIAL), state)
-    body = ep.ProcessingRequest(request_body=ep.HttpBody(body=orjson.dumps(chat(model="B")), end_of_stream=False))
+    body = ep.ProcessingRequest(
+        request_body=ep.HttpBody(body=orjson.dumps(chat(model="B")), end_of_stream=False)
+    )
     resp = ep.ProcessingResponse.FromString(proc.handle(body, state).response)
     assert resp.WhichOneof("response") == "request_body"

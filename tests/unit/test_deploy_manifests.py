@@ -623,7 +623,9 @@ def test_docs_overlays_render(tmp_path: Path) -> None:
     # Istio: the same overlay plus the patch that appends --fallback-endpoints 3 (last one wins).
     istio = {
         **install,
-        **_doc_overlay("my-llm/kustomization.yaml (continued), Istio only: the pick and 3 fallbacks"),
+        **_doc_overlay(
+            "my-llm/kustomization.yaml (continued), Istio only: the pick and 3 fallbacks"
+        ),
     }
     (overlay / KUSTOMIZATION).write_text(yaml.safe_dump(istio), encoding="utf-8")
     settings = _epp_settings(_kustomize(kubectl, overlay))

@@ -23,8 +23,16 @@ def _server(tmp_path: Path, name: str) -> tuple[Proc, str]:
     port = free_port()
     proc = Proc(
         name,
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-         "--directory", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(tmp_path),
+        ],
         log_dir=tmp_path / "logs",
     )
     url = f"http://127.0.0.1:{port}/"
@@ -44,8 +52,9 @@ def children(tmp_path: Path) -> Iterator[dict[str, tuple[Proc, str]]]:
             proc.stop(timeout=2)
 
 
-def _poll_lines(sup: Supervisor, lines: list[str], pred: Callable[[str], bool],
-                timeout: float = 15.0) -> str:
+def _poll_lines(
+    sup: Supervisor, lines: list[str], pred: Callable[[str], bool], timeout: float = 15.0
+) -> str:
     found: list[str] = []
 
     def check() -> bool:
@@ -57,12 +66,19 @@ def _poll_lines(sup: Supervisor, lines: list[str], pred: Callable[[str], bool],
     return found[0]
 
 
-def _watches(children: dict[str, tuple[Proc, str]],
-             restart: dict[str, Callable[[], Proc]] | None = None) -> list[Watch]:
+def _watches(
+    children: dict[str, tuple[Proc, str]], restart: dict[str, Callable[[], Proc]] | None = None
+) -> list[Watch]:
     restart = restart or {}
-    return [Watch(label=name, get=lambda name=name: children[name][0], health_url=url,
-                  restart=restart.get(name))
-            for name, (_, url) in children.items()]
+    return [
+        Watch(
+            label=name,
+            get=lambda name=name: children[name][0],
+            health_url=url,
+            restart=restart.get(name),
+        )
+        for name, (_, url) in children.items()
+    ]
 
 
 def _answers(url: str) -> bool:
@@ -150,8 +166,13 @@ def test_restart_budget_is_bounded(children):
         children["service"] = (new, url)
         return new
 
-    sup = Supervisor(_watches(children, {"service": restart}), say=lines.append,
-                     max_restarts=1, restart_window=60.0, clock=lambda: clock[0])
+    sup = Supervisor(
+        _watches(children, {"service": restart}),
+        say=lines.append,
+        max_restarts=1,
+        restart_window=60.0,
+        clock=lambda: clock[0],
+    )
     children["service"][0].send_signal(signal.SIGKILL)
     _poll_lines(sup, lines, lambda s: "service restarted" in s)
     children["service"][0].send_signal(signal.SIGKILL)

@@ -51,7 +51,9 @@ async def test_first_resolution_publishes_static_plus_every_address(dns: FakeDns
     changes = Changes()
     d = Discovery(["http://10.9.9.9:7000"], ["vllm:8000"], changes)
     await d.refresh_once()
-    assert changes.calls == [["http://10.9.9.9:7000", "http://10.0.0.2:8000", "http://10.0.0.1:8000"]]
+    assert changes.calls == [
+        ["http://10.9.9.9:7000", "http://10.0.0.2:8000", "http://10.0.0.1:8000"]
+    ]
 
 
 async def test_added_and_removed_addresses_call_on_change_with_the_new_list(dns: FakeDns) -> None:
@@ -104,7 +106,11 @@ async def test_one_failing_target_does_not_hide_the_others(dns: FakeDns) -> None
     dns.set("a", 8000, OSError("resolver unreachable"))
     dns.set("b", 9000, ["10.0.1.1", "10.0.1.2"])
     await d.refresh_once()
-    assert changes.calls[-1] == ["http://10.0.0.1:8000", "http://10.0.1.1:9000", "http://10.0.1.2:9000"]
+    assert changes.calls[-1] == [
+        "http://10.0.0.1:8000",
+        "http://10.0.1.1:9000",
+        "http://10.0.1.2:9000",
+    ]
 
 
 async def test_failed_first_lookup_publishes_the_static_backends_only(dns: FakeDns) -> None:
@@ -191,5 +197,7 @@ async def test_resolve_all_dedups_sorts_and_brackets_ipv6(monkeypatch: pytest.Mo
     loop = asyncio.get_running_loop()
     monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
     assert await resolve_all("vllm", 8000, "any") == [
-        "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://[fd00::1]:8000",
+        "http://10.0.0.1:8000",
+        "http://10.0.0.2:8000",
+        "http://[fd00::1]:8000",
     ]

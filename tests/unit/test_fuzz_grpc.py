@@ -37,16 +37,28 @@ from . import builders as b
 from .helpers import FakeClock
 
 settings.register_profile(
-    "fuzz-grpc-quick", max_examples=60, deadline=None, database=None, report_multiple_bugs=False,
+    "fuzz-grpc-quick",
+    max_examples=60,
+    deadline=None,
+    database=None,
+    report_multiple_bugs=False,
     # No "explain" phase: its line tracer makes a shrink over real gRPC take minutes.
     phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
 )
 settings.register_profile(
-    "fuzz-grpc-deep", parent=settings.get_profile("fuzz-grpc-quick"), max_examples=600,
+    "fuzz-grpc-deep",
+    parent=settings.get_profile("fuzz-grpc-quick"),
+    max_examples=600,
 )
 PROFILE = settings.get_profile(
-    {"fuzz-deep": "fuzz-grpc-deep"}.get(os.environ.get("EXTPROC_FUZZ_PROFILE", ""), "fuzz-grpc-quick")
+    {"fuzz-deep": "fuzz-grpc-deep"}.get(
+        os.environ.get("EXTPROC_FUZZ_PROFILE", ""), "fuzz-grpc-quick"
+    )
 )
 METHOD = f"/{SERVICE_NAME}/Process"
 READ_TIMEOUT = 5.0
@@ -68,7 +80,9 @@ class Server:
         self.handler_errors: list[BaseException] = []
         self.run(self._start)
 
-    def run(self, fn: Callable[[], Coroutine[object, object, object]], timeout: float = 30.0) -> object:
+    def run(
+        self, fn: Callable[[], Coroutine[object, object, object]], timeout: float = 30.0
+    ) -> object:
         return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout)
 
     async def _process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
@@ -88,15 +102,21 @@ class Server:
     async def _start(self) -> None:
         # As grpc_server.build_server registers it, with a wrapper that counts live handlers.
         rpc = grpc.stream_stream_rpc_method_handler(
-            self._process, request_deserializer=ep.ProcessingRequest.FromString, response_serializer=_identity
+            self._process,
+            request_deserializer=ep.ProcessingRequest.FromString,
+            response_serializer=_identity,
         )
         self.server = grpc.aio.server()
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": rpc}),))
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": rpc}),)
+        )
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.stub = self.channel.stream_stream(
-            METHOD, request_serializer=ep.ProcessingRequest.SerializeToString, response_deserializer=_identity
+            METHOD,
+            request_serializer=ep.ProcessingRequest.SerializeToString,
+            response_deserializer=_identity,
         )
 
     async def idle(self, timeout: float = 5.0) -> None:
@@ -175,7 +195,9 @@ async def run_stream(server: Server, ex: Example, script: Script) -> None:
         # A client that writes after the server ended the call with OK fails its own send and
         # reports INTERNAL locally ("execute_batch ... SendMessageOperation"): the server's end
         # was OK (no handler error is checked separately); anything else is a real failure.
-        client_side = code == grpc.StatusCode.INTERNAL and "SendMessageOperation" in (await call.debug_error_string() or "")
+        client_side = code == grpc.StatusCode.INTERNAL and "SendMessageOperation" in (
+            await call.debug_error_string() or ""
+        )
         assert code == grpc.StatusCode.OK or client_side, (code, await call.details())
     finally:
         call.cancel()  # after a failed check: do not leave the handler waiting (no-op once done)
@@ -189,7 +211,9 @@ async def _drive(call: grpc.aio.StreamStreamCall, ex: Example, script: Script) -
         raw = await asyncio.wait_for(call.read(), READ_TIMEOUT)
         if raw is grpc.aio.EOF and ex.shut_down:
             return False
-        assert raw is not grpc.aio.EOF, f"stream ended without an answer to a {req.WhichOneof('request')} message"
+        assert raw is not grpc.aio.EOF, (
+            f"stream ended without an answer to a {req.WhichOneof('request')} message"
+        )
         answer = b.check_answer(req, raw)
         for e in answer.endpoints:
             assert e in ex.endpoints, f"{e} was never a backend of the pool {sorted(ex.endpoints)}"
@@ -215,7 +239,9 @@ async def _drive(call: grpc.aio.StreamStreamCall, ex: Example, script: Script) -
             if not await read_one():
                 expected.clear()
         tail = await asyncio.wait_for(call.read(), READ_TIMEOUT)
-        assert tail is grpc.aio.EOF, f"unexpected extra answer {ep.ProcessingResponse.FromString(tail)}"
+        assert tail is grpc.aio.EOF, (
+            f"unexpected extra answer {ep.ProcessingResponse.FromString(tail)}"
+        )
         assert await call.code() == grpc.StatusCode.OK, (await call.code(), await call.details())
     else:
         if script.end == "cancel":
@@ -244,7 +270,9 @@ async def shut_down_later(handler: ExtProcHandler, ex: Example, ticks: int) -> N
     shutdown=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 40)),
     seed=st.integers(0, 2**32),
 )
-def test_grpc_shell_answers_every_message_and_releases_every_pick(server, kwargs, pool, streams, shutdown, seed):
+def test_grpc_shell_answers_every_message_and_releases_every_pick(
+    server, kwargs, pool, streams, shutdown, seed
+):
     async def example() -> None:
         clock = FakeClock()
         reg = BackendRegistry(stale_after=1.0, max_metrics_age=10.0, clock=clock)
@@ -278,13 +306,17 @@ def test_binary_route_metadata_still_gets_answers(server):
         clock = FakeClock()
         reg = BackendRegistry(stale_after=1.0, max_metrics_age=10.0, clock=clock)
         reg.set_backends(b.URLS[:2])
-        proc = Processor(reg, default_strategy="random", fallback=b.FALLBACKS["random"], metrics=Metrics())
+        proc = Processor(
+            reg, default_strategy="random", fallback=b.FALLBACKS["random"], metrics=Metrics()
+        )
         server.handler = ExtProcHandler(proc, reg)
         server.handler_errors.clear()
         ex = Example(reg)
         ex.see()
         msg = ep.ProcessingRequest(request_headers=ep.HttpHeaders(end_of_stream=True))
-        script = Script((("x-extproc-strategy-bin", b"\xff"),), (msg,), True, "half-close", 0, None, ())  # type: ignore[arg-type]
+        script = Script(
+            (("x-extproc-strategy-bin", b"\xff"),), (msg,), True, "half-close", 0, None, ()
+        )  # type: ignore[arg-type]
         try:
             await run_stream(server, ex, script)
         finally:
@@ -293,4 +325,3 @@ def test_binary_route_metadata_still_gets_answers(server):
         b.check_all_released(ex.seen.values(), reg)
 
     server.run(example)
-

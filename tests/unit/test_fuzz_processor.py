@@ -41,7 +41,11 @@ _COMMON = dict(
     deadline=None,
     database=None,
     report_multiple_bugs=False,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
 )
 settings.register_profile("fuzz-quick", max_examples=60, stateful_step_count=30, **_COMMON)
 settings.register_profile("fuzz-deep", max_examples=1500, stateful_step_count=80, **_COMMON)
@@ -57,7 +61,10 @@ def _note(name: str) -> None:
 
 
 def decoded_headers(msg: ep.HttpHeaders) -> dict[str, str]:
-    return {h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in msg.headers.headers}
+    return {
+        h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
+        for h in msg.headers.headers
+    }
 
 
 @dataclass
@@ -78,7 +85,11 @@ class Harness:
         self.index = PrefixIndex()
         self.kwargs = kwargs
         self.proc = Processor(
-            self.reg, metrics=Metrics(), prefix_index=self.index, rng=random.Random(seed), **kwargs  # type: ignore[arg-type]
+            self.reg,
+            metrics=Metrics(),
+            prefix_index=self.index,
+            rng=random.Random(seed),
+            **kwargs,  # type: ignore[arg-type]
         )
         self.routes = RouteSettingsCache(self.proc.default_route)
         self.model = b.InflightModel()
@@ -97,15 +108,19 @@ class Harness:
         token = outcome.token
         answer = b.check_answer(req, outcome.response, token)
         if token is not None:
-            assert any(token.record is r for r in self.reg.records), "token of a record outside the pool"
+            assert any(token.record is r for r in self.reg.records), (
+                "token of a record outside the pool"
+            )
             assert stream.state.token is token, "the stream state does not hold its pick"
             for old in stream.tokens:  # a second decision on one stream replaces the first
                 self.model.released(old)
             stream.tokens[:] = [token]
             self.model.picked(token)
         kind = req.WhichOneof("request")
-        _note(f"{kind} -> {answer.kind}{' routed' if answer.endpoints else ''}{' ' + str(answer.status) if answer.status else ''}"
-              f"{' list' if len(answer.endpoints) > 1 else ''}")
+        _note(
+            f"{kind} -> {answer.kind}{' routed' if answer.endpoints else ''}{' ' + str(answer.status) if answer.status else ''}"
+            f"{' list' if len(answer.endpoints) > 1 else ''}"
+        )
         model = b.body_model(req.request_body.body) if kind == "request_body" else None
         b.check_routing(answer, snap, model if answer.kind == "request_body" else None, self.reg)
         b.check_rejection(answer, snap, model)
@@ -115,12 +130,16 @@ class Harness:
             self._body_liveness(stream, req, answer, snap, model)
         return answer
 
-    def _headers_liveness(self, stream: Stream, req: ep.ProcessingRequest, answer: b.Answer, snap) -> None:
+    def _headers_liveness(
+        self, stream: Stream, req: ep.ProcessingRequest, answer: b.Answer, snap
+    ) -> None:
         if req.HasField("protocol_config"):
             stream.body_mode = req.protocol_config.request_body_mode
         stream.path = route_path(decoded_headers(req.request_headers).get(":path", ""))
         deferred = (
-            stream.body_mode in b.BUFFERED_MODES and not req.request_headers.end_of_stream and stream.path in LLM_PATHS
+            stream.body_mode in b.BUFFERED_MODES
+            and not req.request_headers.end_of_stream
+            and stream.path in LLM_PATHS
         )
         if answer.kind == "immediate_response":
             assert answer.status in (400, 503), answer
@@ -133,14 +152,18 @@ class Harness:
             if snap.backends:
                 assert answer.endpoints, "a routable request was not routed"
 
-    def _body_liveness(self, stream: Stream, req: ep.ProcessingRequest, answer: b.Answer, snap, model) -> None:
+    def _body_liveness(
+        self, stream: Stream, req: ep.ProcessingRequest, answer: b.Answer, snap, model
+    ) -> None:
         awaiting, stream.awaiting = stream.awaiting, None
         if awaiting is not True or not req.request_body.end_of_stream or not snap.backends:
             return
         try:
             parse_request(stream.path, req.request_body.body, max_bytes=self.proc.max_body_bytes)
         except RequestError as err:
-            assert answer.status == err.status, f"bad body answered {answer}, expected HTTP {err.status}"
+            assert answer.status == err.status, (
+                f"bad body answered {answer}, expected HTTP {err.status}"
+            )
             return
         servable = not snap.model_pools or model in snap.model_pools or snap.models_unknown.eligible
         if servable:
@@ -296,9 +319,12 @@ TestProcessorMachine.settings = PROFILE
 
 # -- targeted cases that random generation reaches rarely -----------------------------------
 @settings(PROFILE, max_examples=max(10, PROFILE.max_examples // 3))
-@given(value=st.binary(min_size=1, max_size=16).map(lambda v: v + b"\xff"), key=st.sampled_from(
-    ["x-extproc-strategy-bin", "x-extproc-weights-bin", "x-extproc-allow-client-strategy-bin"]
-))
+@given(
+    value=st.binary(min_size=1, max_size=16).map(lambda v: v + b"\xff"),
+    key=st.sampled_from(
+        ["x-extproc-strategy-bin", "x-extproc-weights-bin", "x-extproc-allow-client-strategy-bin"]
+    ),
+)
 def test_binary_route_metadata_does_not_break_the_stream(value, key):
     """gRPC hands ``-bin`` metadata over as bytes; a non-UTF-8 value must be ignored, not raise."""
     cache = RouteSettingsCache()

@@ -28,15 +28,24 @@ DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
 def make(n=3, *, waiting=(0, 0, 0), running=None, shed=None, **kw):
     reg, _ = registry(n)
     for i in range(n):
-        scrape_ok(reg, i, vm(running=(running or list(range(n)))[i], waiting=waiting[i], models=("A",)))
+        scrape_ok(
+            reg, i, vm(running=(running or list(range(n)))[i], waiting=waiting[i], models=("A",))
+        )
     proc = Processor(
-        reg, default_strategy="least-request", fallback=FALLBACKS["random"], metrics=Metrics(),
-        rng=random.Random(0), default_route=RouteSettings(shed_queue_depth=shed), **kw,
+        reg,
+        default_strategy="least-request",
+        fallback=FALLBACKS["random"],
+        metrics=Metrics(),
+        rng=random.Random(0),
+        default_route=RouteSettings(shed_queue_depth=shed),
+        **kw,
     )
     return proc, reg
 
 
-def duplex_headers(path="/v1/chat/completions", end_of_stream=False, subset=None, response_mode=DUPLEX):
+def duplex_headers(
+    path="/v1/chat/completions", end_of_stream=False, subset=None, response_mode=DUPLEX
+):
     req = headers_req(path=path, end_of_stream=end_of_stream, body_mode=DUPLEX)
     req.protocol_config.response_body_mode = response_mode
     if subset is not None:
@@ -63,7 +72,9 @@ def streamed(raws) -> tuple[bytes, list[bool]]:
     out, eos = b"", []
     for raw in raws:
         r = decode(raw)
-        sr = (r.request_body if r.HasField("request_body") else r.response_body).response.body_mutation.streamed_response
+        sr = (
+            r.request_body if r.HasField("request_body") else r.response_body
+        ).response.body_mutation.streamed_response
         out += sr.body
         eos.append(sr.end_of_stream)
     return out, eos
@@ -90,7 +101,10 @@ def test_duplex_collects_decides_then_streams_the_body_back_in_order():
     hv = header_values(first)
     assert hv["x-gateway-destination-endpoint"].split(",")[0] == "10.0.0.1:8000"  # least loaded
     assert hv["content-length"] == str(len(body))
-    assert first.dynamic_metadata["envoy.lb"]["x-gateway-destination-endpoint"] == hv["x-gateway-destination-endpoint"]
+    assert (
+        first.dynamic_metadata["envoy.lb"]["x-gateway-destination-endpoint"]
+        == hv["x-gateway-destination-endpoint"]
+    )
     data, eos = streamed(out.more)
     assert data == body
     assert eos == [False] * (len(eos) - 1) + [True]
@@ -126,7 +140,10 @@ def test_duplex_empty_final_chunk_and_chunked_request_get_a_length():
 
 @pytest.mark.parametrize(
     ("body", "status", "code"),
-    [(b"{not json", 400, "invalid_json"), (orjson.dumps(chat(model="nope")), 404, "model_not_found")],
+    [
+        (b"{not json", 400, "invalid_json"),
+        (orjson.dumps(chat(model="nope")), 404, "model_not_found"),
+    ],
 )
 def test_duplex_bad_requests_get_openai_errors_and_route_nothing(body, status, code):
     proc, reg = make()
@@ -167,16 +184,32 @@ def test_duplex_response_chunks_pass_through_at_once_and_usage_is_counted():
     state = StreamState()
     proc.handle(duplex_headers(), state)
     proc.handle(chunk(orjson.dumps(chat()), True), state)
-    resp_headers = ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(
-        headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200")])))
-    assert decode(proc.handle(resp_headers, state).response).WhichOneof("response") == "response_headers"
-    sse = [b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n',
-           b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}\n\n', b"data: [DONE]\n\n"]
-    echoed = [proc.handle(chunk(c, i == 2, "response_body"), state).response for i, c in enumerate(sse)]
+    resp_headers = ep.ProcessingRequest(
+        response_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200")]
+            )
+        )
+    )
+    assert (
+        decode(proc.handle(resp_headers, state).response).WhichOneof("response")
+        == "response_headers"
+    )
+    sse = [
+        b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    echoed = [
+        proc.handle(chunk(c, i == 2, "response_body"), state).response for i, c in enumerate(sse)
+    ]
     assert streamed(echoed) == (b"".join(sse), [False, False, True])
     proc.finish(state)
     text = generate_latest(proc.metrics.registry).decode()
-    assert "inference_objective_input_tokens_count" in text and "inference_objective_request_total" in text
+    assert (
+        "inference_objective_input_tokens_count" in text
+        and "inference_objective_request_total" in text
+    )
     assert "inference_objective_request_duration_seconds_count" in text
 
 
@@ -195,16 +228,28 @@ def test_subset_hint_parsing():
     assert subset_hint(md) is None
     md.filter_metadata["envoy.lb.subset_hint"].update({"other": 1})
     assert subset_hint(md) is None
-    md.filter_metadata["envoy.lb.subset_hint"].update({"x-gateway-destination-endpoint-subset": ["10.0.0.2:8000", "[fd00::1]:80", ""]})
+    md.filter_metadata["envoy.lb.subset_hint"].update(
+        {"x-gateway-destination-endpoint-subset": ["10.0.0.2:8000", "[fd00::1]:80", ""]}
+    )
     assert subset_hint(md) == {"10.0.0.2", "fd00::1"}
-    md.filter_metadata["envoy.lb.subset_hint"].update({"x-gateway-destination-endpoint-subset": "10.0.0.1:1, 10.0.0.3"})
+    md.filter_metadata["envoy.lb.subset_hint"].update(
+        {"x-gateway-destination-endpoint-subset": "10.0.0.1:1, 10.0.0.3"}
+    )
     assert subset_hint(md) == {"10.0.0.1", "10.0.0.3"}
     md.filter_metadata["envoy.lb.subset_hint"].update({"x-gateway-destination-endpoint-subset": 5})
     assert subset_hint(md) == frozenset()
 
 
-@pytest.mark.parametrize(("endpoint", "host"), [("10.0.0.1:80", "10.0.0.1"), ("10.0.0.1", "10.0.0.1"),
-                                                ("[::1]:80", "::1"), ("::1", "::1"), ("[::1", "[::1")])
+@pytest.mark.parametrize(
+    ("endpoint", "host"),
+    [
+        ("10.0.0.1:80", "10.0.0.1"),
+        ("10.0.0.1", "10.0.0.1"),
+        ("[::1]:80", "::1"),
+        ("::1", "::1"),
+        ("[::1", "[::1"),
+    ],
+)
 def test_host_of(endpoint, host):
     assert host_of(endpoint) == host
 
@@ -235,15 +280,26 @@ def test_subset_of_unhealthy_backends_is_503():
     proc, reg = make()
     reg.record_failure(reg.records[1], "refused", timeout=False, down=True)
     state = StreamState()
-    resp = decode(proc.handle(duplex_headers(path="/v1/models", end_of_stream=True, subset=["10.0.0.2:8000"]), state).response)
+    resp = decode(
+        proc.handle(
+            duplex_headers(path="/v1/models", end_of_stream=True, subset=["10.0.0.2:8000"]), state
+        ).response
+    )
     assert resp.immediate_response.status.code == 503
 
 
 # -- served endpoint --------------------------------------------------------------------------
 def served_req(endpoint: str) -> ep.ProcessingRequest:
-    req = ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(
-        headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200")])))
-    req.metadata_context.filter_metadata["envoy.lb"].update({"x-gateway-destination-endpoint-served": endpoint})
+    req = ep.ProcessingRequest(
+        response_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200")]
+            )
+        )
+    )
+    req.metadata_context.filter_metadata["envoy.lb"].update(
+        {"x-gateway-destination-endpoint-served": endpoint}
+    )
     return req
 
 
@@ -261,13 +317,19 @@ def test_served_endpoint_parsing():
     assert served_endpoint(md) is None
     md.filter_metadata["envoy.lb"].update({"x": 1})
     assert served_endpoint(md) is None
-    md.filter_metadata["envoy.lb"].update({"x-gateway-destination-endpoint-served": " 10.0.0.1:8000,x "})
+    md.filter_metadata["envoy.lb"].update(
+        {"x-gateway-destination-endpoint-served": " 10.0.0.1:8000,x "}
+    )
     assert served_endpoint(md) == "10.0.0.1:8000"
 
 
 def test_served_by_the_pick_a_fallback_or_another_host_and_inflight_follows():
     proc, reg = make(fallback_endpoints=1)
-    for served, expected_pending in (("10.0.0.1:8000", (1, 0, 0)), ("10.0.0.2:8000", (0, 1, 0)), ("10.0.0.3:8000", (0, 0, 1))):
+    for served, expected_pending in (
+        ("10.0.0.1:8000", (1, 0, 0)),
+        ("10.0.0.2:8000", (0, 1, 0)),
+        ("10.0.0.3:8000", (0, 0, 1)),
+    ):
         state = StreamState()
         proc.handle(duplex_headers(), state)
         proc.handle(chunk(orjson.dumps(chat()), True), state)
@@ -291,8 +353,13 @@ def test_upstream_error_status_is_counted():
     proc, _ = make()
     state = StreamState()
     proc.handle(duplex_headers(path="/v1/models", end_of_stream=True), state)
-    req = ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(
-        headers=[base_pb2.HeaderValue(key=":status", raw_value=b"500")])))
+    req = ep.ProcessingRequest(
+        response_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=":status", raw_value=b"500")]
+            )
+        )
+    )
     proc.handle(req, state)
     assert 'error_code="ModelServerError"' in generate_latest(proc.metrics.registry).decode()
 
@@ -301,22 +368,40 @@ def test_upstream_error_status_is_counted():
 def test_sheds_with_429_only_when_every_candidate_is_full():
     proc, reg = make(waiting=(5, 6, 7), shed=4)
     state = StreamState(route=proc.default_route)  # as the gRPC shell builds it
-    resp = decode(proc.handle(duplex_headers(path="/v1/models", end_of_stream=True), state).response)
+    resp = decode(
+        proc.handle(duplex_headers(path="/v1/models", end_of_stream=True), state).response
+    )
     assert resp.immediate_response.status.code == 429
     hdrs = {h.header.key: h.header.raw_value for h in resp.immediate_response.headers.set_headers}
     assert hdrs["retry-after"] == b"1"
     assert orjson.loads(resp.immediate_response.body)["error"]["type"] == "rate_limit_exceeded"
     # One candidate with room: routed there.
     proc2, _ = make(waiting=(5, 3, 7), shed=4)
-    resp = decode(proc2.handle(duplex_headers(path="/v1/models", end_of_stream=True), StreamState(route=proc2.default_route)).response)
+    resp = decode(
+        proc2.handle(
+            duplex_headers(path="/v1/models", end_of_stream=True),
+            StreamState(route=proc2.default_route),
+        ).response
+    )
     assert header_values(resp)["x-gateway-destination-endpoint"].startswith("10.0.0.2:8000")
 
 
 def test_never_sheds_on_missing_metrics():
     reg, _ = registry(2)  # never scraped: priors, not measurements
-    proc = Processor(reg, default_strategy="least-request", fallback=FALLBACKS["random"], metrics=Metrics(),
-                     rng=random.Random(0), default_route=RouteSettings(shed_queue_depth=0.5))
-    resp = decode(proc.handle(duplex_headers(path="/v1/models", end_of_stream=True), StreamState(route=proc.default_route)).response)
+    proc = Processor(
+        reg,
+        default_strategy="least-request",
+        fallback=FALLBACKS["random"],
+        metrics=Metrics(),
+        rng=random.Random(0),
+        default_route=RouteSettings(shed_queue_depth=0.5),
+    )
+    resp = decode(
+        proc.handle(
+            duplex_headers(path="/v1/models", end_of_stream=True),
+            StreamState(route=proc.default_route),
+        ).response
+    )
     assert resp.WhichOneof("response") == "request_headers"
 
 
@@ -329,9 +414,17 @@ def test_route_shed_setting():
 
 def test_no_destination_answer_removes_a_client_sent_header():
     reg, _ = registry(0)
-    proc = Processor(reg, default_strategy="random", fallback=FALLBACKS["random"], metrics=Metrics())
-    resp = decode(proc.handle(headers_req(path="/v1/models", end_of_stream=True, body_mode=None), StreamState()).response)
-    assert list(resp.request_headers.response.header_mutation.remove_headers) == ["x-gateway-destination-endpoint"]
+    proc = Processor(
+        reg, default_strategy="random", fallback=FALLBACKS["random"], metrics=Metrics()
+    )
+    resp = decode(
+        proc.handle(
+            headers_req(path="/v1/models", end_of_stream=True, body_mode=None), StreamState()
+        ).response
+    )
+    assert list(resp.request_headers.response.header_mutation.remove_headers) == [
+        "x-gateway-destination-endpoint"
+    ]
 
 
 def test_generation_post_without_a_body_is_400():

@@ -78,8 +78,12 @@ def test_pool_gauges_average_ready_backends_with_known_metrics_only() -> None:
 
     assert value(samples, "inference_pool_ready_pods", name="my-pool") == 3
     assert value(samples, "inference_pool_average_queue_size", name="my-pool") == pytest.approx(2.0)
-    assert value(samples, "inference_pool_average_running_requests", name="my-pool") == pytest.approx(3.0)
-    assert value(samples, "inference_pool_average_kv_cache_utilization", name="my-pool") == pytest.approx(0.5)
+    assert value(
+        samples, "inference_pool_average_running_requests", name="my-pool"
+    ) == pytest.approx(3.0)
+    assert value(
+        samples, "inference_pool_average_kv_cache_utilization", name="my-pool"
+    ) == pytest.approx(0.5)
     per_pod = named(samples, "inference_pool_per_pod_queue_size")
     # Every backend with known metrics, ready or not; the never-scraped one has none.
     assert per_pod == {
@@ -90,8 +94,11 @@ def test_pool_gauges_average_ready_backends_with_known_metrics_only() -> None:
     }
     assert {types[n] for n in types if n.startswith("inference_pool_")} == {"gauge"}
     assert set(types) == {
-        "inference_pool_ready_pods", "inference_pool_average_queue_size", "inference_pool_average_running_requests",
-        "inference_pool_average_kv_cache_utilization", "inference_pool_per_pod_queue_size",
+        "inference_pool_ready_pods",
+        "inference_pool_average_queue_size",
+        "inference_pool_average_running_requests",
+        "inference_pool_average_kv_cache_utilization",
+        "inference_pool_per_pod_queue_size",
     }
 
 
@@ -111,11 +118,15 @@ def test_metrics_older_than_max_age_are_not_known() -> None:
     scrape_ok(reg, 1, vm(waiting=2, kv=0.2))
     clock.advance(5.0)
     scrape_ok(reg, 1, vm(waiting=2, kv=0.2))
-    clock.advance(6.0)  # backend 0's numbers are 11 s old: unknown; backend 1's 6 s: stale, still used
+    clock.advance(
+        6.0
+    )  # backend 0's numbers are 11 s old: unknown; backend 1's 6 s: stale, still used
     _, samples = pool_exposition(reg)
     assert value(samples, "inference_pool_ready_pods", name="p") == 2
     assert value(samples, "inference_pool_average_queue_size", name="p") == 2.0
-    assert value(samples, "inference_pool_average_kv_cache_utilization", name="p") == pytest.approx(0.2)
+    assert value(samples, "inference_pool_average_kv_cache_utilization", name="p") == pytest.approx(
+        0.2
+    )
     assert list(named(samples, "inference_pool_per_pod_queue_size").values()) == [2.0]
 
 
@@ -134,7 +145,9 @@ def test_no_ready_pods_when_the_pool_is_empty_or_all_unhealthy(n: int) -> None:
 def test_pool_name_setting_then_k8s_pool_then_default() -> None:
     assert pool_name(load_settings({"pool_name": "gpu-pool"})) == "gpu-pool"
     assert pool_name(load_settings({})) == "default"
-    assert pool_name(SimpleNamespace(pool_name="", k8s_inference_pool="vllm-llama3")) == "vllm-llama3"
+    assert (
+        pool_name(SimpleNamespace(pool_name="", k8s_inference_pool="vllm-llama3")) == "vllm-llama3"
+    )
     assert pool_name(SimpleNamespace(pool_name="mine", k8s_inference_pool="vllm-llama3")) == "mine"
 
 
@@ -180,19 +193,46 @@ def test_objective_series_names_types_and_labels(served: tuple[Metrics, BackendR
     assert types["inference_objective_running_requests"] == "gauge"
     pair = {"model_name": "llama", "target_model_name": "llama"}
     assert value(samples, "inference_objective_request_total", **pair, priority="0") == 2
-    assert value(samples, "inference_objective_request_total", model_name="sql-lora",
-                 target_model_name="sql-lora", priority="0") == 1
-    assert value(samples, "inference_objective_request_error_total", **pair, error_code="ModelServerError") == 1
+    assert (
+        value(
+            samples,
+            "inference_objective_request_total",
+            model_name="sql-lora",
+            target_model_name="sql-lora",
+            priority="0",
+        )
+        == 1
+    )
+    assert (
+        value(
+            samples,
+            "inference_objective_request_error_total",
+            **pair,
+            error_code="ModelServerError",
+        )
+        == 1
+    )
     assert value(samples, "inference_objective_request_duration_seconds_count", **pair) == 1
-    assert value(samples, "inference_objective_request_duration_seconds_bucket", **pair, le="0.4") == 1
-    assert value(samples, "inference_objective_request_duration_seconds_bucket", **pair, le="0.2") == 0
+    assert (
+        value(samples, "inference_objective_request_duration_seconds_bucket", **pair, le="0.4") == 1
+    )
+    assert (
+        value(samples, "inference_objective_request_duration_seconds_bucket", **pair, le="0.2") == 0
+    )
     assert value(samples, "inference_objective_input_tokens_sum", **pair) == 100
     assert value(samples, "inference_objective_output_tokens_sum", **pair) == 20
     assert value(samples, "inference_objective_output_tokens_bucket", **pair, le="32.0") == 1
     assert value(samples, "inference_objective_running_requests", model_name="llama") == 1
     done()
     done()  # a second call is harmless
-    assert value(exposition(metrics.registry)[1], "inference_objective_running_requests", model_name="llama") == 0
+    assert (
+        value(
+            exposition(metrics.registry)[1],
+            "inference_objective_running_requests",
+            model_name="llama",
+        )
+        == 0
+    )
 
 
 def test_histogram_buckets_are_the_reference_epps(served: tuple[Metrics, BackendRegistry]) -> None:
@@ -204,18 +244,28 @@ def test_histogram_buckets_are_the_reference_epps(served: tuple[Metrics, Backend
     def les(name: str) -> list[float]:
         return sorted(float(dict(labels)["le"]) for labels in named(samples, name + "_bucket"))
 
-    assert les("inference_objective_request_duration_seconds") == [*map(float, LATENCY_BUCKETS), math.inf]
+    assert les("inference_objective_request_duration_seconds") == [
+        *map(float, LATENCY_BUCKETS),
+        math.inf,
+    ]
     assert les("inference_objective_input_tokens") == [*map(float, INPUT_TOKEN_BUCKETS), math.inf]
     assert les("inference_objective_output_tokens") == [*map(float, OUTPUT_TOKEN_BUCKETS), math.inf]
-    assert LATENCY_BUCKETS[0] == 0.005 and LATENCY_BUCKETS[-1] == 3600 and len(LATENCY_BUCKETS) == 35
+    assert (
+        LATENCY_BUCKETS[0] == 0.005 and LATENCY_BUCKETS[-1] == 3600 and len(LATENCY_BUCKETS) == 35
+    )
 
 
-def test_client_model_names_are_served_models_or_unknown(served: tuple[Metrics, BackendRegistry]) -> None:
+def test_client_model_names_are_served_models_or_unknown(
+    served: tuple[Metrics, BackendRegistry],
+) -> None:
     metrics, _ = served
     for name in ("llama", "no-such-model", "", None, "x" * 500):
         metrics.objective_request(name, name)
     _, samples = exposition(metrics.registry)
-    got = {dict(labels)["model_name"]: v for labels, v in named(samples, "inference_objective_request_total").items()}
+    got = {
+        dict(labels)["model_name"]: v
+        for labels, v in named(samples, "inference_objective_request_total").items()
+    }
     assert got == {"llama": 1, "unknown": 4}
 
 
@@ -223,8 +273,16 @@ def test_without_a_registry_every_model_is_unknown() -> None:
     metrics = Metrics()
     metrics.objective_request("llama", "llama")
     _, samples = exposition(metrics.registry)
-    assert value(samples, "inference_objective_request_total",
-                 model_name="unknown", target_model_name="unknown", priority="0") == 1
+    assert (
+        value(
+            samples,
+            "inference_objective_request_total",
+            model_name="unknown",
+            target_model_name="unknown",
+            priority="0",
+        )
+        == 1
+    )
 
 
 def test_cardinality_cap_puts_later_models_into_other() -> None:
@@ -239,7 +297,10 @@ def test_cardinality_cap_puts_later_models_into_other() -> None:
     objectives.request("c", "c")  # resolved once: stays in "other"
     objectives.request("d", "d")  # never served
     _, samples = exposition(prom)
-    got = {dict(labels)["model_name"]: v for labels, v in named(samples, "inference_objective_request_total").items()}
+    got = {
+        dict(labels)["model_name"]: v
+        for labels, v in named(samples, "inference_objective_request_total").items()
+    }
     assert got == {"a": 2, "b": 2, "other": 2, "unknown": 1}
 
 
@@ -253,17 +314,31 @@ def test_error_codes_are_gies_or_unknown(served: tuple[Metrics, BackendRegistry]
         (dict(labels)["model_name"], dict(labels)["error_code"]): v
         for labels, v in named(samples, "inference_objective_request_error_total").items()
     }
-    assert got == {("llama", "NotFound"): 1, ("llama", "Unknown"): 1, ("unknown", "ResourceExhausted"): 1}
+    assert got == {
+        ("llama", "NotFound"): 1,
+        ("llama", "Unknown"): 1,
+        ("unknown", "ResourceExhausted"): 1,
+    }
 
 
 @pytest.mark.parametrize(
     ("status", "upstream", "code"),
     [
-        (200, False, None), (302, False, None), (400, False, "BadRequest"), (413, False, "BadRequest"),
-        (404, False, "NotFound"), (429, False, "ResourceExhausted"), (503, False, "ServiceUnavailable"),
-        (500, False, "Internal"), (502, False, "Internal"), (418, False, "BadRequest"),
-        (401, False, "Unauthorized"), (403, False, "Forbidden"),
-        (200, True, None), (500, True, "ModelServerError"), (404, True, "ModelServerError"),
+        (200, False, None),
+        (302, False, None),
+        (400, False, "BadRequest"),
+        (413, False, "BadRequest"),
+        (404, False, "NotFound"),
+        (429, False, "ResourceExhausted"),
+        (503, False, "ServiceUnavailable"),
+        (500, False, "Internal"),
+        (502, False, "Internal"),
+        (418, False, "BadRequest"),
+        (401, False, "Unauthorized"),
+        (403, False, "Forbidden"),
+        (200, True, None),
+        (500, True, "ModelServerError"),
+        (404, True, "ModelServerError"),
     ],
 )
 def test_error_code_for_status(status: int, upstream: bool, code: str | None) -> None:
@@ -271,7 +346,9 @@ def test_error_code_for_status(status: int, upstream: bool, code: str | None) ->
     assert code is None or code in gie_metrics.ERROR_CODES
 
 
-def test_nonsense_durations_and_token_counts_are_not_recorded(served: tuple[Metrics, BackendRegistry]) -> None:
+def test_nonsense_durations_and_token_counts_are_not_recorded(
+    served: tuple[Metrics, BackendRegistry],
+) -> None:
     metrics, _ = served
     metrics.objective_duration("llama", "llama", -0.1)
     metrics.objective_duration("llama", "llama", float("nan"))
@@ -294,10 +371,14 @@ def test_running_keeps_the_label_it_started_with() -> None:
     served_now.add("llama")  # discovered while the request runs
     done()
     _, samples = exposition(prom)
-    assert named(samples, "inference_objective_running_requests") == {frozenset({("model_name", "unknown")}): 0}
+    assert named(samples, "inference_objective_running_requests") == {
+        frozenset({("model_name", "unknown")}): 0
+    }
 
 
-def test_hot_path_reuses_label_children(served: tuple[Metrics, BackendRegistry], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hot_path_reuses_label_children(
+    served: tuple[Metrics, BackendRegistry], monkeypatch: pytest.MonkeyPatch
+) -> None:
     metrics, _ = served
     metrics.objective_request("llama", "llama")
 
@@ -307,8 +388,16 @@ def test_hot_path_reuses_label_children(served: tuple[Metrics, BackendRegistry],
     monkeypatch.setattr(metrics.objectives, "known_models", no_lookup)
     metrics.objective_request("llama", "llama")
     metrics.objective_duration("llama", "llama", 0.1)
-    assert value(exposition(metrics.registry)[1], "inference_objective_request_total",
-                 model_name="llama", target_model_name="llama", priority="0") == 2
+    assert (
+        value(
+            exposition(metrics.registry)[1],
+            "inference_objective_request_total",
+            model_name="llama",
+            target_model_name="llama",
+            priority="0",
+        )
+        == 2
+    )
 
 
 def test_pair_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -322,7 +411,16 @@ def test_pair_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         assert len(objectives._pairs) <= 3
     objectives.request("m4", "m4")  # after a clear, still counted into its own series
     _, samples = exposition(prom)
-    assert value(samples, "inference_objective_request_total", model_name="m4", target_model_name="m4", priority="0") == 2
+    assert (
+        value(
+            samples,
+            "inference_objective_request_total",
+            model_name="m4",
+            target_model_name="m4",
+            priority="0",
+        )
+        == 2
+    )
 
 
 # -- usage from response bodies ---------------------------------------------------------
@@ -331,7 +429,11 @@ def sse(*events: object, done: bool = True) -> bytes:
     return out + (b"data: [DONE]\n\n" if done else b"")
 
 
-CHUNK = {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "hi"}}]}
+CHUNK = {
+    "id": "c1",
+    "object": "chat.completion.chunk",
+    "choices": [{"index": 0, "delta": {"content": "hi"}}],
+}
 USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
 
 
@@ -347,20 +449,39 @@ USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
         (orjson.dumps({"usage": {"prompt_tokens": 1.5, "completion_tokens": "7"}}), (None, None)),
         (orjson.dumps([1, 2, 3]), (None, None)),
         # Streaming with stream_options.include_usage: usage null on chunks, then the usage chunk.
-        (sse({**CHUNK, "usage": None}, {**CHUNK, "usage": None}, {"id": "c1", "choices": [], "usage": USAGE}), (12, 5)),
+        (
+            sse(
+                {**CHUNK, "usage": None},
+                {**CHUNK, "usage": None},
+                {"id": "c1", "choices": [], "usage": USAGE},
+            ),
+            (12, 5),
+        ),
         # Without include_usage: no usage anywhere.
         (sse(CHUNK, CHUNK, CHUNK), (None, None)),
         # continuous usage stats: every chunk has usage, the last one wins.
-        (sse({**CHUNK, "usage": {"prompt_tokens": 12, "completion_tokens": 1}},
-             {**CHUNK, "usage": {"prompt_tokens": 12, "completion_tokens": 2}}), (12, 2)),
+        (
+            sse(
+                {**CHUNK, "usage": {"prompt_tokens": 12, "completion_tokens": 1}},
+                {**CHUNK, "usage": {"prompt_tokens": 12, "completion_tokens": 2}},
+            ),
+            (12, 2),
+        ),
         # A tail that starts mid-event (the caller kept only the last bytes), CRLF line ends.
-        (b'_tokens": 1}}\r\n\r\ndata: ' + orjson.dumps({"choices": [], "usage": USAGE}) + b"\r\n\r\ndata: [DONE]\r\n\r\n",
-         (12, 5)),
+        (
+            b'_tokens": 1}}\r\n\r\ndata: '
+            + orjson.dumps({"choices": [], "usage": USAGE})
+            + b"\r\n\r\ndata: [DONE]\r\n\r\n",
+            (12, 5),
+        ),
         (sse({"choices": [], "usage": USAGE}, done=False), (12, 5)),
         (b'{"usage": {"prompt_tokens": 3, "completion', (None, None)),  # truncated JSON body
         (b"data: {not json\n\ndata: [DONE]\n\n", (None, None)),
         (b'data: ["usage", 1]\n\n', (None, None)),
-        (b'data: {"usage": {"prompt_tokens": 1, "completion_tokens": 2\n\n', (None, None)),  # truncated event
+        (
+            b'data: {"usage": {"prompt_tokens": 1, "completion_tokens": 2\n\n',
+            (None, None),
+        ),  # truncated event
         (b"", (None, None)),
         (b"\xff\xfe\x00garbage\n\x80", (None, None)),
         (b"<html>502 Bad Gateway</html>", (None, None)),
@@ -382,13 +503,26 @@ def test_usage_from_the_wrong_type_does_not_raise() -> None:
 
 
 _json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 _usage_like = st.fixed_dictionaries(
-    {}, optional={"usage": st.none() | st.dictionaries(
-        st.sampled_from(["prompt_tokens", "completion_tokens", "total_tokens"]), _json_values, max_size=3)}
+    {},
+    optional={
+        "usage": st.none()
+        | st.dictionaries(
+            st.sampled_from(["prompt_tokens", "completion_tokens", "total_tokens"]),
+            _json_values,
+            max_size=3,
+        )
+    },
 )
 
 
@@ -399,7 +533,9 @@ def test_usage_never_raises_on_arbitrary_bytes(body: bytes) -> None:
     assert c is None or (type(c) is int and c >= 0)
 
 
-@given(st.lists(st.one_of(_usage_like, _json_values), max_size=6), st.booleans(), st.integers(0, 64))
+@given(
+    st.lists(st.one_of(_usage_like, _json_values), max_size=6), st.booleans(), st.integers(0, 64)
+)
 def test_usage_never_raises_on_cut_streams(events: list[Any], done: bool, cut: int) -> None:
     body = sse(*events, done=done)
     for piece in (body, body[cut:], body[: len(body) - cut]):

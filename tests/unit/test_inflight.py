@@ -47,3 +47,21 @@ def test_failed_scrapes_keep_accumulating():
 def test_pick_out_of_range_is_ignored():
     reg, _ = registry(1)
     assert reg.on_pick(5) is None
+
+
+def test_snapshot_lists_the_backends_with_requests_in_flight():
+    reg, _ = registry(3)
+    assert reg.snapshot().active == ()
+    t1 = reg.on_pick(1)
+    reg.on_pick(2)
+    snap = reg.snapshot()
+    assert sorted(snap.active) == [1, 2] and snap.pending == (0, 1, 1)
+    reg.on_done(t1)
+    assert sorted(reg.snapshot().active) == [2]
+    rec = reg.records[2]
+    reg.record_success(rec, vm(), reg.begin_scrape(rec))
+    reg.record_success(rec, vm(), reg.begin_scrape(rec))  # absorbed by a later scrape
+    assert reg.snapshot().active == ()
+    reg.on_pick(0)
+    reg.set_backends([r.url for r in reg.records][::-1])  # slots move with their backends
+    assert reg.snapshot().active == (2,) and reg.snapshot().pending == (0, 0, 1)

@@ -43,8 +43,13 @@ def reference_parse(text: str) -> VllmMetrics | None:
 
     wanted = set(metrics_parser._SLOT_OF)
     models = sorted(
-        {s.labels["model_name"] for n, ss in by_name.items() if n in wanted for s in ss
-         if "model_name" in s.labels}
+        {
+            s.labels["model_name"]
+            for n, ss in by_name.items()
+            if n in wanted
+            for s in ss
+            if "model_name" in s.labels
+        }
     )
 
     def values(name: str) -> list[float]:
@@ -94,8 +99,11 @@ def reference_parse(text: str) -> VllmMetrics | None:
         return tuple(a.strip() for a in (v or "").split(",") if a.strip())
 
     http = [
-        s for s in samples
-        if s.name == "http_requests_total" and s.labels.get("method") == "POST" and not math.isnan(s.value)
+        s
+        for s in samples
+        if s.name == "http_requests_total"
+        and s.labels.get("method") == "POST"
+        and not math.isnan(s.value)
     ]
     by_class = {c: [s.value for s in http if s.labels.get("status") == c] for c in ("2xx", "5xx")}
     seen = bool(by_class["2xx"] or by_class["5xx"])
@@ -154,26 +162,45 @@ FIXTURE_CASES = [
     pytest.param(
         "vllm-metrics-real.txt",
         dict(
-            running=0.0, waiting=0.0, kv_cache_usage=0.0, prompt_tokens=288.0,
-            generation_tokens=2077.0, ttft_sum=0.29729700088500977, ttft_count=20.0,
-            prefix_cache_queries=288.0, post_2xx=20.0, post_5xx=0.0,
+            running=0.0,
+            waiting=0.0,
+            kv_cache_usage=0.0,
+            prompt_tokens=288.0,
+            generation_tokens=2077.0,
+            ttft_sum=0.29729700088500977,
+            ttft_count=20.0,
+            prefix_cache_queries=288.0,
+            post_2xx=20.0,
+            post_5xx=0.0,
         ),
         id="idle",
     ),
     pytest.param(
         "vllm-metrics-real-busy.txt",
         dict(
-            running=8.0, waiting=0.0, kv_cache_usage=0.003907203907203893, prompt_tokens=368.0,
-            generation_tokens=3454.0, ttft_sum=0.408794641494751, ttft_count=28.0,
-            prefix_cache_queries=368.0, post_2xx=20.0, post_5xx=0.0,
+            running=8.0,
+            waiting=0.0,
+            kv_cache_usage=0.003907203907203893,
+            prompt_tokens=368.0,
+            generation_tokens=3454.0,
+            ttft_sum=0.408794641494751,
+            ttft_count=28.0,
+            prefix_cache_queries=368.0,
+            post_2xx=20.0,
+            post_5xx=0.0,
         ),
         id="busy",
     ),
     pytest.param(
         "vllm-metrics-real-queued.txt",
         dict(
-            running=4.0, waiting=8.0, kv_cache_usage=0.0009768009768009733, prompt_tokens=44.0,
-            generation_tokens=417.0, ttft_sum=0.191756010055542, ttft_count=4.0,
+            running=4.0,
+            waiting=8.0,
+            kv_cache_usage=0.0009768009768009733,
+            prompt_tokens=44.0,
+            generation_tokens=417.0,
+            ttft_sum=0.191756010055542,
+            ttft_count=4.0,
             prefix_cache_queries=44.0,
         ),
         id="queued",
@@ -310,10 +337,21 @@ MINIMAL = 'vllm:num_requests_running{engine="0",model_name="m"} 1.0\n'
 
 def _m(**overrides: Any) -> VllmMetrics:
     base: dict[str, Any] = dict(
-        running=0.0, waiting=0.0, kv_cache_usage=None, prompt_tokens=None,
-        generation_tokens=None, ttft_sum=None, ttft_count=None, prefix_cache_queries=None,
-        prefix_cache_hits=None, block_size=None, num_gpu_blocks=None, models=(),
-        lora_running=(), lora_waiting=(), max_lora=None,
+        running=0.0,
+        waiting=0.0,
+        kv_cache_usage=None,
+        prompt_tokens=None,
+        generation_tokens=None,
+        ttft_sum=None,
+        ttft_count=None,
+        prefix_cache_queries=None,
+        prefix_cache_hits=None,
+        block_size=None,
+        num_gpu_blocks=None,
+        models=(),
+        lora_running=(),
+        lora_waiting=(),
+        max_lora=None,
     )
     base.update(overrides)
     return VllmMetrics(**base)
@@ -323,24 +361,42 @@ SYNTHETIC_CASES = [
     pytest.param(
         TWO_ENGINES,
         _m(
-            running=8.0, waiting=3.0, kv_cache_usage=0.5, prompt_tokens=30.0,
-            generation_tokens=300.0, ttft_sum=2.0, ttft_count=10.0, prefix_cache_queries=120.0,
-            prefix_cache_hits=12.0, block_size=16, num_gpu_blocks=2500, models=("m",),
+            running=8.0,
+            waiting=3.0,
+            kv_cache_usage=0.5,
+            prompt_tokens=30.0,
+            generation_tokens=300.0,
+            ttft_sum=2.0,
+            ttft_count=10.0,
+            prefix_cache_queries=120.0,
+            prefix_cache_hits=12.0,
+            block_size=16,
+            num_gpu_blocks=2500,
+            models=("m",),
         ),
         id="two-engines-summed-kv-mean",
     ),
     pytest.param(
         OLD_NAMES,
         _m(
-            running=2.0, waiting=1.0, kv_cache_usage=0.5, prefix_cache_queries=40.0,
-            prefix_cache_hits=4.0, models=("old",),
+            running=2.0,
+            waiting=1.0,
+            kv_cache_usage=0.5,
+            prefix_cache_queries=40.0,
+            prefix_cache_hits=4.0,
+            models=("old",),
         ),
         id="old-names",
     ),
     pytest.param(
         NEW_AND_OLD,
-        _m(running=1.0, kv_cache_usage=0.2, prefix_cache_queries=10.0, prefix_cache_hits=3.0,
-           models=("m",)),
+        _m(
+            running=1.0,
+            kv_cache_usage=0.2,
+            prefix_cache_queries=10.0,
+            prefix_cache_hits=3.0,
+            models=("m",),
+        ),
         id="new-name-wins-over-old",
     ),
     pytest.param(
@@ -363,9 +419,16 @@ SYNTHETIC_CASES = [
     pytest.param(
         TRICKY,
         _m(
-            running=2.0, waiting=3.5, kv_cache_usage=0.5, prompt_tokens=12.0,
-            generation_tokens=7.0, ttft_count=2.0, models=("a,b}c", 'q"uote\\d\nnl'),
-            lora_running=("x", "y"), lora_waiting=("z",), max_lora=1,
+            running=2.0,
+            waiting=3.5,
+            kv_cache_usage=0.5,
+            prompt_tokens=12.0,
+            generation_tokens=7.0,
+            ttft_count=2.0,
+            models=("a,b}c", 'q"uote\\d\nnl'),
+            lora_running=("x", "y"),
+            lora_waiting=("z",),
+            max_lora=1,
         ),
         id="escapes-commas-braces-timestamps-crlf",
     ),
@@ -375,15 +438,16 @@ SYNTHETIC_CASES = [
         id="num-gpu-blocks-None",
     ),
     pytest.param(
-        MINIMAL + 'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="64"} 1\n'
+        MINIMAL
+        + 'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="64"} 1\n'
         + 'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="64"} 1\n',
         _m(running=1.0, models=("m",), block_size=16, num_gpu_blocks=64),
         id="cache-config-duplicate-engine-counted-once",
     ),
     pytest.param(
         "vllm:num_requests_running NaN\nvllm:num_requests_waiting 2\n"
-        "vllm:kv_cache_usage_perc NaN\nvllm:prompt_tokens_total{engine=\"0\"} NaN\n"
-        "vllm:prompt_tokens_total{engine=\"1\"} 5\n",
+        'vllm:kv_cache_usage_perc NaN\nvllm:prompt_tokens_total{engine="0"} NaN\n'
+        'vllm:prompt_tokens_total{engine="1"} 5\n',
         _m(waiting=2.0, prompt_tokens=5.0),
         id="nan-is-missing",
     ),
@@ -414,7 +478,7 @@ BAD_PAGES = [
     pytest.param('{"detail":"Not Found"}', "no vllm:num_requests_running", id="json-error"),
     pytest.param("\x00\x01garbage \xff\n!!", "no vllm:num_requests_running", id="garbage"),
     pytest.param(
-        "# HELP python_info x\npython_info{version=\"3.11\"} 1.0\n",
+        '# HELP python_info x\npython_info{version="3.11"} 1.0\n',
         "no vllm:num_requests_running",
         id="prometheus-but-not-vllm",
     ),
@@ -431,7 +495,7 @@ BAD_PAGES = [
     pytest.param("vllm:num_requests_running 1_000\n", "invalid value", id="underscore-value"),
     pytest.param("vllm:num_requests_running 1 2 3\n", "malformed sample line", id="extra-token"),
     pytest.param(
-        'vllm:num_requests_running{engine=0} 1\n', "malformed label set", id="unquoted-label"
+        "vllm:num_requests_running{engine=0} 1\n", "malformed label set", id="unquoted-label"
     ),
     pytest.param(
         'vllm:num_requests_running{a="1" b="2"} 1\n', "malformed label set", id="missing-comma"
@@ -483,14 +547,29 @@ def test_result_is_frozen() -> None:
 # --------------------------------------------------------------------------------------------
 
 # Every name the fast parser reads, plus look-alikes it must NOT read.
-WANTED_GAUGES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
-                 "gpu_cache_usage_perc"]
-WANTED_COUNTERS = ["prompt_tokens_total", "generation_tokens_total", "prefix_cache_queries_total",
-                   "prefix_cache_hits_total", "gpu_prefix_cache_queries_total",
-                   "gpu_prefix_cache_hits_total"]
-DISTRACTORS = ["num_requests_waiting_by_reason", "num_requests_swapped",
-               "external_prefix_cache_queries_total", "prompt_tokens_cached_total",
-               "prompt_tokens_total_x", "kv_cache_usage_perc2", "lora_requests_info_total"]
+WANTED_GAUGES = [
+    "num_requests_running",
+    "num_requests_waiting",
+    "kv_cache_usage_perc",
+    "gpu_cache_usage_perc",
+]
+WANTED_COUNTERS = [
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "prefix_cache_queries_total",
+    "prefix_cache_hits_total",
+    "gpu_prefix_cache_queries_total",
+    "gpu_prefix_cache_hits_total",
+]
+DISTRACTORS = [
+    "num_requests_waiting_by_reason",
+    "num_requests_swapped",
+    "external_prefix_cache_queries_total",
+    "prompt_tokens_cached_total",
+    "prompt_tokens_total_x",
+    "kv_cache_usage_perc2",
+    "lora_requests_info_total",
+]
 
 # Label values: anything but surrogates and '\r' (prometheus_client reads lines split on '\n'
 # only and a raw CR is not a legal unescaped char for the fast parser), biased towards the
@@ -519,9 +598,14 @@ def _escape(value: str) -> str:
 
 
 @st.composite
-def sample_lines(draw: st.DrawFn, name: str, engines: list[str], model: str,
-                 extra: dict[str, str] | None = None,
-                 value: st.SearchStrategy[str] = number_texts) -> list[str]:
+def sample_lines(
+    draw: st.DrawFn,
+    name: str,
+    engines: list[str],
+    model: str,
+    extra: dict[str, str] | None = None,
+    value: st.SearchStrategy[str] = number_texts,
+) -> list[str]:
     lines = []
     for engine in engines:
         labels = {"engine": engine, "model_name": model, **(extra or {})}
@@ -543,8 +627,13 @@ def vllm_pages(draw: st.DrawFn) -> str:
     families: list[list[str]] = []
 
     def family(name: str, typ: str, lines: list[str]) -> None:
-        families.append([f"# HELP vllm:{name} help mentioning vllm:num_requests_running",
-                         f"# TYPE vllm:{name} {typ}", *lines])
+        families.append(
+            [
+                f"# HELP vllm:{name} help mentioning vllm:num_requests_running",
+                f"# TYPE vllm:{name} {typ}",
+                *lines,
+            ]
+        )
 
     for name in WANTED_GAUGES + DISTRACTORS:
         if draw(st.booleans()):
@@ -564,23 +653,34 @@ def vllm_pages(draw: st.DrawFn) -> str:
         lines = []
         # Sometimes a repeated engine: only its first usable num_gpu_blocks may count.
         for engine in draw(st.lists(st.sampled_from(engines), min_size=1, max_size=4)):
-            extra = {"block_size": draw(nums), "num_gpu_blocks": draw(nums),
-                     "junk": draw(label_values)}
-            lines += draw(sample_lines("cache_config_info", [engine], model, extra,
-                                       value=st.just("1.0")))
+            extra = {
+                "block_size": draw(nums),
+                "num_gpu_blocks": draw(nums),
+                "junk": draw(label_values),
+            }
+            lines += draw(
+                sample_lines("cache_config_info", [engine], model, extra, value=st.just("1.0"))
+            )
         family("cache_config_info", "gauge", lines)
     if draw(st.booleans()):
         lines = []
         for _ in range(draw(st.integers(1, 3))):
-            extra = {"running_lora_adapters": draw(adapter_lists),
-                     "waiting_lora_adapters": draw(adapter_lists),
-                     "max_lora": draw(st.sampled_from(["1", "4", "None"]))}
+            extra = {
+                "running_lora_adapters": draw(adapter_lists),
+                "waiting_lora_adapters": draw(adapter_lists),
+                "max_lora": draw(st.sampled_from(["1", "4", "None"])),
+            }
             # Few distinct timestamps, so that ties (the later line wins) do happen.
             stamps = st.one_of(st.sampled_from(["1.7e+09", "1.8e+09", "NaN"]), number_texts)
             lines += draw(sample_lines("lora_requests_info", engines[:1], model, extra, stamps))
         family("lora_requests_info", "gauge", lines)
-    families.append(["# HELP process_open_fds Number of open file descriptors.",
-                     "# TYPE process_open_fds gauge", "process_open_fds 42.0"])
+    families.append(
+        [
+            "# HELP process_open_fds Number of open file descriptors.",
+            "# TYPE process_open_fds gauge",
+            "process_open_fds 42.0",
+        ]
+    )
 
     order = draw(st.permutations(range(len(families))))
     newline = draw(st.sampled_from(["\n", "\r\n"]))

@@ -17,16 +17,26 @@ from .helpers import registry, scrape_ok, vm
 
 
 def headers_msg(**headers: str) -> ep.ProcessingRequest:
-    hv = [base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in headers.items()]
+    hv = [
+        base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode())
+        for k, v in headers.items()
+    ]
     hv.append(base_pb2.HeaderValue(key=":path", raw_value=b"/v1/chat/completions"))
-    return ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv)))
+    return ep.ProcessingRequest(
+        request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=hv))
+    )
 
 
 def make(n=2, expose=True, strategy="least-request", **kw):
     reg, clock = registry(n)
     proc = Processor(
-        reg, default_strategy=strategy, fallback=FALLBACKS["random"], metrics=Metrics(),
-        expose_routing_headers=expose, rng=random.Random(0), **kw,
+        reg,
+        default_strategy=strategy,
+        fallback=FALLBACKS["random"],
+        metrics=Metrics(),
+        expose_routing_headers=expose,
+        rng=random.Random(0),
+        **kw,
     )
     return proc, reg
 
@@ -46,7 +56,11 @@ def test_routes_with_header_and_both_metadata_namespaces():
     assert (hdr.key, hdr.raw_value) == (DESTINATION_HEADER, b"10.0.0.2:8000,10.0.0.1:8000")
     md = resp.dynamic_metadata
     assert md["envoy.lb"][DESTINATION_HEADER] == "10.0.0.2:8000,10.0.0.1:8000"
-    assert dict(md["extproc"]) == {"strategy": "least-request", "reason": "metrics", "endpoint": "10.0.0.2:8000"}
+    assert dict(md["extproc"]) == {
+        "strategy": "least-request",
+        "reason": "metrics",
+        "endpoint": "10.0.0.2:8000",
+    }
     assert out.token is not None and reg.snapshot().pending == (0, 1)
 
 
@@ -137,7 +151,10 @@ def test_fallback_list_leaves_out_suspect_and_unhealthy_servers():
     reg.record_failure(recs[1], "timeout", timeout=True)  # hung: suspect
     reg.record_failure(recs[2], "refused", timeout=False, down=True)  # dead: unhealthy at once
     for _ in range(20):
-        assert set(ranked_list(decode(proc.handle(headers_msg())))) == {"10.0.0.1:8000", "10.0.0.4:8000"}
+        assert set(ranked_list(decode(proc.handle(headers_msg())))) == {
+            "10.0.0.1:8000",
+            "10.0.0.4:8000",
+        }
 
 
 def test_handler_never_returns_an_empty_answer_for_trailers():

@@ -29,11 +29,19 @@ from extproc.supervise import supervised
 
 from .helpers import registry, scrape_ok, vm
 
-FIXTURE_PAGE = (__import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "vllm-metrics-real.txt").read_bytes()
+FIXTURE_PAGE = (
+    __import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "vllm-metrics-real.txt"
+).read_bytes()
 
 
 def pick(reg, strategy="least-request", seed=0):
-    return decide(STRATEGIES[strategy], FALLBACKS["random"], RequestFacts(), reg.snapshot(), random.Random(seed))
+    return decide(
+        STRATEGIES[strategy],
+        FALLBACKS["random"],
+        RequestFacts(),
+        reg.snapshot(),
+        random.Random(seed),
+    )
 
 
 # -- suspect: hung or failing backends are treated as saturated ---------------------------------
@@ -103,11 +111,20 @@ async def http_server(handler) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-async def scrape(url: str, *, timeout: float = 0.3, connect_timeout: float = 0.2, max_bytes: int = 1 << 20):
+async def scrape(
+    url: str, *, timeout: float = 0.3, connect_timeout: float = 0.2, max_bytes: int = 1 << 20
+):
     reg, _ = registry(0)
     reg.set_backends([url])
     metrics = Metrics()
-    scraper = Scraper(reg, metrics, interval=10, timeout=timeout, connect_timeout=connect_timeout, max_bytes=max_bytes)
+    scraper = Scraper(
+        reg,
+        metrics,
+        interval=10,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        max_bytes=max_bytes,
+    )
     scraper._session = __import__("aiohttp").ClientSession()
     try:
         rec = reg.records[0]
@@ -138,7 +155,9 @@ async def test_connect_timeout_is_down_not_slow():
             s.connect(("127.0.0.1", port))
         fillers.append(s)
     try:
-        result, rec, _, _ = await scrape(f"http://127.0.0.1:{port}", timeout=1.0, connect_timeout=0.2)
+        result, rec, _, _ = await scrape(
+            f"http://127.0.0.1:{port}", timeout=1.0, connect_timeout=0.2
+        )
         assert result == "connect_timeout" and not rec.healthy and rec.timeouts == 0
     finally:
         for s in fillers:
@@ -171,10 +190,17 @@ async def test_oversized_and_malformed_replies_are_counted_failures():
         result, rec, models_ok, metrics = await scrape(url, max_bytes=64 * 1024)
     assert result == "too_large" and rec.suspect
     assert models_ok is False
-    assert metrics.registry.get_sample_value("extproc_scrapes_total", {"backend": rec.endpoint, "result": "models_error"}) == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "extproc_scrapes_total", {"backend": rec.endpoint, "result": "models_error"}
+        )
+        == 1
+    )
 
 
-@pytest.mark.parametrize("body", [b'{"data": null}', b"[]", b"not json", b'{"data": [1, {"id": 3}]}', b'{"data": "x"}'])
+@pytest.mark.parametrize(
+    "body", [b'{"data": null}', b"[]", b"not json", b'{"data": [1, {"id": 3}]}', b'{"data": "x"}']
+)
 def test_parse_models_rejects_or_filters_anything_not_openai_shaped(body):
     try:
         ids, adapters = parse_models(body)
@@ -246,7 +272,9 @@ def test_departed_backend_series_are_removed():
 async def test_handler_error_answers_continue_and_is_counted():
     reg, _ = registry(2)
     metrics = Metrics()
-    proc = Processor(reg, default_strategy="least-request", fallback=FALLBACKS["random"], metrics=metrics)
+    proc = Processor(
+        reg, default_strategy="least-request", fallback=FALLBACKS["random"], metrics=metrics
+    )
 
     def broken(req, state=None):
         raise RuntimeError("bug")
@@ -275,8 +303,13 @@ async def test_handler_error_answers_continue_and_is_counted():
 async def test_grpc_accepts_a_message_as_large_as_the_body_limit():
     reg, _ = registry(1)
     scrape_ok(reg, 0, vm())
-    proc = Processor(reg, default_strategy="least-request", fallback=FALLBACKS["random"], metrics=Metrics(),
-                     max_body_bytes=6 * 1024 * 1024)
+    proc = Processor(
+        reg,
+        default_strategy="least-request",
+        fallback=FALLBACKS["random"],
+        metrics=Metrics(),
+        max_body_bytes=6 * 1024 * 1024,
+    )
     port = free_port()
     server, _, _ = build_server(proc, reg, f"127.0.0.1:{port}")
     await server.start()
@@ -290,7 +323,11 @@ async def test_grpc_accepts_a_message_as_large_as_the_body_limit():
                 response_deserializer=ep.ProcessingResponse.FromString,
             )()
             # 5 MiB: above gRPC's 4 MiB default, below --max-body-bytes.
-            await call.write(ep.ProcessingRequest(request_body=ep.HttpBody(body=b"x" * (5 << 20), end_of_stream=True)))
+            await call.write(
+                ep.ProcessingRequest(
+                    request_body=ep.HttpBody(body=b"x" * (5 << 20), end_of_stream=True)
+                )
+            )
             resp = await asyncio.wait_for(call.read(), 10)
             assert resp.WhichOneof("response") == "request_body"
             await call.done_writing()
@@ -336,9 +373,12 @@ async def test_a_timeout_during_the_services_own_stall_blames_no_backend():
             watch.cancel()
             await scraper._session.close()
     assert result == "service_stalled"
-    assert metrics.registry.get_sample_value(
-        "extproc_scrapes_total", {"backend": rec.endpoint, "result": "service_stalled"}
-    ) == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "extproc_scrapes_total", {"backend": rec.endpoint, "result": "service_stalled"}
+        )
+        == 1
+    )
 
 
 def test_loop_watch_reports_a_stall_and_an_overdue_tick():

@@ -1,4 +1,4 @@
-"""Model pools, LoRA affinity, prefix-cache, session and weighted strategies (pure)."""
+"""Model pools, LoRA affinity, prefix-cache, session and weighted profiles (pure)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import pytest
 from extproc.decide import UnknownModel, decide
 from extproc.metrics_parser import VllmMetrics
 from extproc.prefix_index import PrefixIndex
-from extproc.strategies import FALLBACKS, STRATEGIES, RequestFacts, Weights
+from extproc.strategies import FALLBACKS, STRATEGIES, RequestFacts
 
 from .helpers import registry, scrape_ok, vm
 
 RANDOM = FALLBACKS["random"]
 
 
-def run(reg, name, facts=None, seed=0):
-    return decide(STRATEGIES[name], RANDOM, facts or RequestFacts(), reg.snapshot(), random.Random(seed))
+def run(reg, name, facts=None, seed=0, profile=None):
+    profile = profile or STRATEGIES[name]
+    return decide(profile, RANDOM, facts or RequestFacts(), reg.snapshot(), random.Random(seed))
 
 
 def two_models():
@@ -71,7 +72,9 @@ def test_lora_prefers_running_or_free_slot_over_a_full_server():
     scrape_ok(reg, 0, lora_metrics(("ad1",)))  # full, running ad1
     scrape_ok(reg, 1, lora_metrics(("ad2",)))  # full, running ad2
     scrape_ok(reg, 2, replace(lora_metrics(()), running=50))  # free slot but busy
-    picks = {run(reg, "least-request", RequestFacts(model="ad1"), s).backend.index for s in range(20)}
+    picks = {
+        run(reg, "least-request", RequestFacts(model="ad1"), s).backend.index for s in range(20)
+    }
     assert picks == {0}  # 1 would have to evict ad2; 2 is far busier
     base = {run(reg, "random", RequestFacts(model="base"), s).backend.index for s in range(40)}
     assert base == {0, 1, 2}  # base-model requests are not restricted
@@ -79,8 +82,12 @@ def test_lora_prefers_running_or_free_slot_over_a_full_server():
 
 def prefix_facts(index: PrefixIndex, text: str, **kw) -> RequestFacts:
     hashes = index.hashes("m", text)
-    kw.setdefault("prefix_guard_abs", 4.0)
-    return RequestFacts(has_prompt=True, prefix_match=lambda ep: index.match_fraction(ep, hashes), **kw)
+    return RequestFacts(
+        has_prompt=True, prefix_match=lambda ep: index.match_fraction(ep, hashes), **kw
+    )
+
+
+GUARD4 = STRATEGIES["prefix-cache"].with_params("prefix", {"guard_abs": 4.0})
 
 
 def test_prefix_cache_sticks_until_the_load_guard():
@@ -90,13 +97,15 @@ def test_prefix_cache_sticks_until_the_load_guard():
     index = PrefixIndex()
     prompt = "system prompt shared by the group " * 20 + "question"
     index.record("10.0.0.2:8000", index.hashes("m", prompt))
-    d = run(reg, "prefix-cache", prefix_facts(index, prompt))
+    d = run(reg, "prefix-cache", prefix_facts(index, prompt), profile=GUARD4)
     assert (d.backend.index, d.reason) == (1, "prefix-hit")
     scrape_ok(reg, 1, vm(running=6))  # 6 - 1 = 5 > 4 and 6 > 1.5 x 1
-    d = run(reg, "prefix-cache", prefix_facts(index, prompt))
+    d = run(reg, "prefix-cache", prefix_facts(index, prompt), profile=GUARD4)
     assert d.reason == "load-guard" and d.backend.index in (0, 2)
     scrape_ok(reg, 1, vm(running=5))  # 5 - 1 = 4: not more than 4 -> still sticks
-    assert run(reg, "prefix-cache", prefix_facts(index, prompt)).reason == "prefix-hit"
+    assert (
+        run(reg, "prefix-cache", prefix_facts(index, prompt), profile=GUARD4).reason == "prefix-hit"
+    )
 
 
 def test_prefix_miss_goes_to_least_loaded():
@@ -121,7 +130,9 @@ def test_session_is_sticky_and_moves_only_when_its_server_goes():
         scrape_ok(reg, i, vm())
     keys = [f"user-{i}" for i in range(200)]
     before = {k: run(reg, "session", RequestFacts(session_key=k)).backend.endpoint for k in keys}
-    again = {k: run(reg, "session", RequestFacts(session_key=k), seed=9).backend.endpoint for k in keys}
+    again = {
+        k: run(reg, "session", RequestFacts(session_key=k), seed=9).backend.endpoint for k in keys
+    }
     assert before == again
     assert len(Counter(before.values())) == 4  # spread over all servers
     gone = "10.0.0.2:8000"
@@ -155,5 +166,7 @@ def test_weighted_blends_and_weights_change_the_choice():
     index.record("10.0.0.1:8000", index.hashes("m", prompt))
     facts = prefix_facts(index, prompt)
     assert run(reg, "weighted", facts).backend.index == 1  # load + kv (4) beat prefix (3)
-    prefix_heavy = replace(facts, weights=Weights(queue=1, kv=1, prefix=10, lora=0))
-    assert run(reg, "weighted", prefix_heavy).backend.index == 0
+    prefix_heavy = STRATEGIES["weighted"].with_weights(
+        {"queue": 1, "kv": 1, "prefix": 10, "lora": 0}
+    )
+    assert run(reg, "weighted", facts, profile=prefix_heavy).backend.index == 0

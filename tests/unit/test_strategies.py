@@ -1,4 +1,5 @@
-"""Contract tests run for EVERY registered strategy, then each strategy's own rule."""
+"""Contract tests run for EVERY profile (built-in strategies, and profiles a config file adds),
+then each built-in strategy's own rule."""
 
 from __future__ import annotations
 
@@ -8,22 +9,50 @@ from collections import Counter
 import pytest
 
 from extproc.decide import NoBackends, decide
-from extproc.strategies import FALLBACKS, STRATEGIES, RequestFacts, get_strategy
+from extproc.strategies import FALLBACKS, RequestFacts, get_strategy, load_profiles
 
 from .helpers import registry, scrape_ok, vm
 
-ALL = sorted(STRATEGIES)
+# The built-ins plus profiles of the shapes a --config file may add.
+PROFILES = load_profiles(
+    {
+        "cfg-near-random": {
+            "scorers": {"queue": 1, "latency": 1},
+            "picker": {"name": "near-random", "tolerance": 0.3},
+        },
+        "cfg-near-best": {
+            "scorers": {"throughput": 1, "kv": 1},
+            "picker": {"name": "near-best", "tolerance": 0.2},
+        },
+        "cfg-cached": {"scorers": {"prefix": 2, "lora": 1, "queue": 1}},
+    }
+)
+ALL = sorted(PROFILES)
 RANDOM = FALLBACKS["random"]
 
 # The reason each strategy reports on a cold cache / a partial one, with no request body.
-COLD_REASON = {"random": "random", "round-robin": "round-robin", "prefix-cache": "prefix-miss",
-               "session": "no-session", "weighted": "cold-cache"}
-PARTIAL_REASON = {"random": "random", "round-robin": "round-robin", "prefix-cache": "prefix-miss",
-                  "session": "no-session", "weighted": "metrics"}
+COLD_REASON = {
+    "random": "random",
+    "round-robin": "round-robin",
+    "prefix-cache": "prefix-miss",
+    "session": "no-session",
+    "weighted": "cold-cache",
+    "cfg-cached": "cold-cache",
+}
+PARTIAL_REASON = {
+    "random": "random",
+    "round-robin": "round-robin",
+    "prefix-cache": "prefix-miss",
+    "session": "no-session",
+    "weighted": "metrics",
+    "cfg-cached": "metrics",
+}
 
 
 def run(reg, name, seed=0, seq=0):
-    return decide(STRATEGIES[name], RANDOM, RequestFacts(seq=seq), reg.snapshot(), random.Random(seed))
+    return decide(
+        PROFILES[name], RANDOM, RequestFacts(seq=seq), reg.snapshot(), random.Random(seed)
+    )
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -39,7 +68,7 @@ def test_cold_snapshot_still_answers(name):
     d = run(reg, name)
     assert d.backend.endpoint in {"10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"}
     assert d.reason == COLD_REASON.get(name, "cold-cache") and d.strategy == name
-    assert STRATEGIES[name].needs_metrics == (name not in COLD_REASON)
+    assert PROFILES[name].needs_metrics == (name not in COLD_REASON)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -63,7 +92,7 @@ def test_ties_are_broken_at_random(name):
 def test_strategy_exception_falls_back(name, monkeypatch):
     reg, _ = registry(2)
     scrape_ok(reg, 0, vm())
-    strategy = STRATEGIES[name]
+    strategy = PROFILES[name]
 
     class Boom:
         needs_metrics = strategy.needs_metrics

@@ -54,7 +54,9 @@ def _files(tmp_path: Path, pair: KeyPair, name: str = "tls") -> tuple[Path, Path
 
 def _sans(pair: KeyPair) -> tuple[list[str], list[str]]:
     san = pair.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return san.get_values_for_type(x509.DNSName), [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+    return san.get_values_for_type(x509.DNSName), [
+        str(a) for a in san.get_values_for_type(x509.IPAddress)
+    ]
 
 
 # -- the self-signed certificate ---------------------------------------------------------------
@@ -70,7 +72,10 @@ def test_self_signed_names_the_hosts_and_serves_a_year():
     assert dt.timedelta(days=364) < lifetime < dt.timedelta(days=366)
     assert cert.not_valid_before_utc < dt.datetime.now(dt.UTC) < cert.not_valid_after_utc
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
-    assert ExtendedKeyUsageOID.SERVER_AUTH in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert (
+        ExtendedKeyUsageOID.SERVER_AUTH
+        in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    )
     key = serialization.load_pem_private_key(pair.key_pem, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
     assert key.public_key() == cert.public_key()
@@ -131,7 +136,8 @@ def test_a_chain_file_serves_its_first_certificate_as_the_leaf(tmp_path):
 def _encrypted(pair: KeyPair) -> bytes:
     key = serialization.load_pem_private_key(pair.key_pem, password=None)
     return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(b"secret"),
     )
 
@@ -172,15 +178,24 @@ def test_an_expired_certificate_loads_with_a_warning(tmp_path, caplog):
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")])
     now = dt.datetime.now(dt.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(1).not_valid_before(now - dt.timedelta(days=30))
-        .not_valid_after(now - dt.timedelta(days=1)).sign(key, hashes.SHA256())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=30))
+        .not_valid_after(now - dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
     )
     cert_path, key_path = tmp_path / "old.crt", tmp_path / "old.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     with caplog.at_level(logging.WARNING, logger="extproc.tls"):
         pair = load_pair(cert_path, key_path)
     assert "expired" in caplog.text
@@ -221,7 +236,10 @@ def test_cert_files_reload_only_a_changed_usable_pair(tmp_path, caplog):
     [
         ({"tls_cert": "/x.crt"}, "go together"),
         ({"tls_key": "/x.key"}, "go together"),
-        ({"tls_cert": "/x.crt", "tls_key": "/x.key", "tls_self_signed": True}, "exclude each other"),
+        (
+            {"tls_cert": "/x.crt", "tls_key": "/x.key", "tls_self_signed": True},
+            "exclude each other",
+        ),
     ],
 )
 def test_tls_settings_are_checked(cli, message):
@@ -235,8 +253,19 @@ def test_tls_and_health_port_flags_exist():
 
 
 def test_cli_exits_2_with_a_message_on_an_unreadable_certificate(tmp_path, capsys):
-    code = main(["serve", "--tls-cert", str(tmp_path / "nope.crt"), "--tls-key", str(tmp_path / "nope.key"),
-                 "--grpc-address", f"127.0.0.1:{free_port()}", "--admin-address", f"127.0.0.1:{free_port()}"])
+    code = main(
+        [
+            "serve",
+            "--tls-cert",
+            str(tmp_path / "nope.crt"),
+            "--tls-key",
+            str(tmp_path / "nope.key"),
+            "--grpc-address",
+            f"127.0.0.1:{free_port()}",
+            "--admin-address",
+            f"127.0.0.1:{free_port()}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "--tls-cert" in err and "nope.crt" in err and "Traceback" not in err
@@ -245,10 +274,14 @@ def test_cli_exits_2_with_a_message_on_an_unreadable_certificate(tmp_path, capsy
 def test_server_credentials_follow_the_settings(tmp_path, caplog):
     assert server_credentials(Settings()) is None
     with caplog.at_level(logging.INFO, logger="extproc.tls"):
-        assert isinstance(server_credentials(Settings(tls_self_signed=True)), grpc.ServerCredentials)
+        assert isinstance(
+            server_credentials(Settings(tls_self_signed=True)), grpc.ServerCredentials
+        )
     assert "self-signed certificate: SHA-256 fingerprint" in caplog.text
     cert, key = _files(tmp_path, self_signed(["localhost"]))
-    assert isinstance(server_credentials(Settings(tls_cert=str(cert), tls_key=str(key))), grpc.ServerCredentials)
+    assert isinstance(
+        server_credentials(Settings(tls_cert=str(cert), tls_key=str(key))), grpc.ServerCredentials
+    )
     with pytest.raises(TLSError):
         server_credentials(Settings(tls_cert=str(cert), tls_key=str(tmp_path / "missing.key")))
 
@@ -256,21 +289,28 @@ def test_server_credentials_follow_the_settings(tmp_path, caplog):
 # -- real servers ------------------------------------------------------------------------------
 def _processor() -> tuple[Processor, BackendRegistry]:
     reg = BackendRegistry(stale_after=1.0, max_metrics_age=10.0)
-    return Processor(reg, default_strategy="least-request", fallback=FALLBACKS["random"], metrics=Metrics()), reg
+    return Processor(
+        reg, default_strategy="least-request", fallback=FALLBACKS["random"], metrics=Metrics()
+    ), reg
 
 
 def _peer_certificate(port: int) -> bytes:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw) as conn:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw) as conn,
+    ):
         der = conn.getpeercert(binary_form=True)
     assert der is not None
     return der
 
 
 async def _check(channel: grpc.aio.Channel, service: str) -> int:
-    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    reply = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=5
+    )
     return reply.status
 
 
@@ -280,7 +320,10 @@ async def test_tls_server_serves_the_files_and_picks_up_a_rotation(tmp_path):
     processor, reg = _processor()
     port = free_port()
     server, servicer, _ = build_server(
-        processor, reg, f"127.0.0.1:{port}", server_credentials(Settings(tls_cert=str(cert), tls_key=str(key)))
+        processor,
+        reg,
+        f"127.0.0.1:{port}",
+        server_credentials(Settings(tls_cert=str(cert), tls_key=str(key))),
     )
     await server.start()
     try:
@@ -322,7 +365,9 @@ async def test_health_port_says_what_the_main_port_says():
                     assert await _check(ch, LIVENESS_NAME) == (SERVING if alive else NOT_SERVING)
             # Only health lives on the health port.
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await health_ch.unary_unary("/envoy.service.ext_proc.v3.ExternalProcessor/Process")(b"", timeout=5)
+                await health_ch.unary_unary("/envoy.service.ext_proc.v3.ExternalProcessor/Process")(
+                    b"", timeout=5
+                )
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await health_server.stop(None)
@@ -338,6 +383,11 @@ async def test_ports_in_use_are_os_errors():
         with pytest.raises(OSError, match="cannot listen on --grpc-health-address"):
             build_health_server(health.aio.HealthServicer(), f"127.0.0.1:{port}")
         with pytest.raises(OSError, match="cannot listen on gRPC address"):
-            build_server(processor, reg, f"127.0.0.1:{port}", server_credentials(Settings(tls_self_signed=True)))
+            build_server(
+                processor,
+                reg,
+                f"127.0.0.1:{port}",
+                server_credentials(Settings(tls_self_signed=True)),
+            )
     finally:
         await server.stop(None)

@@ -18,9 +18,16 @@ FIXTURES = str(Path(__file__).resolve().parents[1] / "fixtures")  # real vLLM ca
 
 # Small, fast engine shape for unit tests; numbers chosen so expected durations are exact-ish.
 UNIT_CFG = SimConfig(
-    max_model_len=256, max_num_seqs=8, max_num_batched_tokens=512, block_size=16,
-    num_gpu_blocks=65, step_time_base=0.01, prefill_token_time=0.001, decode_seq_time=0.0001,
-    decode_ctx_token_time=0.0, mean_output_len=8.0,
+    max_model_len=256,
+    max_num_seqs=8,
+    max_num_batched_tokens=512,
+    block_size=16,
+    num_gpu_blocks=65,
+    step_time_base=0.01,
+    prefill_token_time=0.001,
+    decode_seq_time=0.0001,
+    decode_ctx_token_time=0.0,
+    mean_output_len=8.0,
 )
 
 
@@ -44,8 +51,9 @@ def run_until(engine: Engine, cond: Callable[[], bool], max_steps: int = 10_000)
     raise AssertionError(f"condition not reached in {max_steps} steps")
 
 
-async def poll(fn: Callable[[], Awaitable[bool]], timeout: float = 5.0,
-               interval: float = 0.01) -> None:
+async def poll(
+    fn: Callable[[], Awaitable[bool]], timeout: float = 5.0, interval: float = 0.01
+) -> None:
     """Wait for a condition with a deadline (never a bare sleep standing in for sync)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -57,8 +65,14 @@ async def poll(fn: Callable[[], Awaitable[bool]], timeout: float = 5.0,
 
 
 # Fast server shape for HTTP tests: 20x faster than real time, tiny KV cache.
-HTTP_CFG = SimConfig(port=0, max_model_len=512, num_gpu_blocks=257, block_size=16,
-                     time_scale=20.0, mean_output_len=8.0)
+HTTP_CFG = SimConfig(
+    port=0,
+    max_model_len=512,
+    num_gpu_blocks=257,
+    block_size=16,
+    time_scale=20.0,
+    mean_output_len=8.0,
+)
 
 
 @pytest.fixture
@@ -97,7 +111,11 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     return out
 
 
-def metric(page: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-           model: str = "tiny-llama", **labels: str) -> float:
+def metric(
+    page: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    name: str,
+    model: str = "tiny-llama",
+    **labels: str,
+) -> float:
     key = (name, tuple(sorted({"engine": "0", "model_name": model, **labels}.items())))
     return page[key]

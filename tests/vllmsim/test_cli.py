@@ -15,12 +15,21 @@ READY_TIMEOUT = 15.0
 
 async def launch(*args: str) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vllmsim", "--port", "0", "--time-scale", "20", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "vllmsim",
+        "--port",
+        "0",
+        "--time-scale",
+        "20",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert proc.stdout is not None
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         raise
     text = line.decode()
@@ -31,7 +40,7 @@ async def launch(*args: str) -> tuple[asyncio.subprocess.Process, str]:
 async def wait_exit(proc: asyncio.subprocess.Process, timeout: float = 10.0) -> int:
     try:
         return await asyncio.wait_for(proc.wait(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise
@@ -43,8 +52,9 @@ async def test_serves_and_stops_on_sigterm() -> None:
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{base}/health") as r:
                 assert r.status == 200
-            async with s.post(f"{base}/v1/completions",
-                              json={"model": "m1", "prompt": "hi", "max_tokens": 3}) as r:
+            async with s.post(
+                f"{base}/v1/completions", json={"model": "m1", "prompt": "hi", "max_tokens": 3}
+            ) as r:
                 assert r.status == 200
             async with s.get(f"{base}/metrics") as r:
                 assert 'model_name="m1"' in await r.text()
@@ -73,7 +83,15 @@ async def test_crash_after_seconds() -> None:
 
 async def test_rejects_kv_cache_smaller_than_max_model_len() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vllmsim", "--num-gpu-blocks", "4", "--max-model-len", "1000",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "vllmsim",
+        "--num-gpu-blocks",
+        "4",
+        "--max-model-len",
+        "1000",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await asyncio.wait_for(proc.communicate(), READY_TIMEOUT)
     assert proc.returncode == 2 and b"larger than the KV cache" in err

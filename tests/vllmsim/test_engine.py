@@ -14,8 +14,9 @@ def ids(n: int, start: int = 0) -> list[int]:
     return list(range(start, start + n))
 
 
-def add(engine: Engine, rid: str, prompt: list[int], max_tokens: int = 4,
-        lora: str | None = None) -> Request:
+def add(
+    engine: Engine, rid: str, prompt: list[int], max_tokens: int = 4, lora: str | None = None
+) -> Request:
     req = engine.make_request(rid, prompt, max_tokens, ignore_eos=True, lora=lora)
     engine.add_request(req)
     return req
@@ -237,8 +238,9 @@ def test_natural_stop_is_deterministic_and_ignore_eos_is_exact() -> None:
     r1 = e1.make_request("1", prompt, 1000, ignore_eos=False)
     r2 = e2.make_request("2", prompt, 1000, ignore_eos=False)
     assert r1.target_len == r2.target_len and r1.natural_stop
-    lengths = {make_engine(seed=s).make_request("x", prompt, 1000, False).target_len
-               for s in range(20)}
+    lengths = {
+        make_engine(seed=s).make_request("x", prompt, 1000, False).target_len for s in range(20)
+    }
     assert len(lengths) > 5  # the seed matters
     capped = e1.make_request("3", prompt, 1, ignore_eos=False)
     assert capped.target_len == 1
@@ -256,7 +258,8 @@ def test_finish_metrics_are_consistent() -> None:
     assert h["vllm:request_queue_time_seconds"].sum == pytest.approx(b.scheduled_ts - b.arrival)
     assert b.scheduled_ts >= a.finished_ts  # b queued behind a (max_num_seqs=1)
     assert h["vllm:e2e_request_latency_seconds"].sum == pytest.approx(
-        (a.finished_ts - a.arrival) + (b.finished_ts - b.arrival))
+        (a.finished_ts - a.arrival) + (b.finished_ts - b.arrival)
+    )
     assert eng.stats.generation_tokens == 8
     assert eng.stats.itl.count == 6  # 3 inter-token gaps per request
     assert h["vllm:request_prompt_tokens"].sum == 40

@@ -44,8 +44,7 @@ def test_tail_blocks_of_a_sequence_are_evicted_first() -> None:
     assert pool.lookup([1, 2, 3], 3) == seq[:2]  # the last block went first
 
 
-ops = st.lists(st.tuples(st.sampled_from(["alloc", "free", "hit"]), st.integers(0, 6)),
-               max_size=60)
+ops = st.lists(st.tuples(st.sampled_from(["alloc", "free", "hit"]), st.integers(0, 6)), max_size=60)
 
 
 @settings(max_examples=150, deadline=None)
@@ -67,8 +66,11 @@ def test_pool_invariants(script: list[tuple[str, int]]) -> None:
         elif op == "free" and owned:
             pool.release(owned.pop(k % len(owned)))
         elif op == "hit":
-            hits = [b for h in range(max(1, next_hash - k), next_hash)
-                    if (b := pool.cached.get(h)) is not None]
+            hits = [
+                b
+                for h in range(max(1, next_hash - k), next_hash)
+                if (b := pool.cached.get(h)) is not None
+            ]
             if hits and pool.cost_of_touch(hits) <= pool.num_free:
                 pool.touch(hits)
                 owned.append(hits)

@@ -14,8 +14,11 @@ from vllmsim.exposition import Exposition, HttpStats
 
 from .conftest import FIXTURES, make_engine, run_until
 
-FIXTURE_FILES = ("vllm-metrics-real.txt", "vllm-metrics-real-busy.txt",
-                 "vllm-metrics-real-queued.txt")
+FIXTURE_FILES = (
+    "vllm-metrics-real.txt",
+    "vllm-metrics-real-busy.txt",
+    "vllm-metrics-real-queued.txt",
+)
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 # labels whose values are an enumeration the router may rely on
@@ -65,8 +68,13 @@ def busy_sim_page(lora: bool = False) -> str:
     eng = make_engine(num_gpu_blocks=9, max_model_len=64, **kw)
     reqs = []
     for i in range(4):
-        r = eng.make_request(f"r{i}", list(range(i % 2, 20 + i % 2)), 30, ignore_eos=True,
-                             lora="ad" if lora and i == 3 else None)
+        r = eng.make_request(
+            f"r{i}",
+            list(range(i % 2, 20 + i % 2)),
+            30,
+            ignore_eos=True,
+            lora="ad" if lora and i == 3 else None,
+        )
         eng.add_request(r)
         reqs.append(r)
     run_until(eng, lambda: all(r.done for r in reqs))
@@ -88,8 +96,9 @@ def test_families_match_fixture(fixture: str, sim: dict[str, Family]) -> None:
     real = parse(Path(FIXTURES, fixture).read_text())
     real_vllm = {n for n in real if n.startswith("vllm:")}
     sim_vllm = {n for n in sim if n.startswith("vllm:")}
-    assert real_vllm == sim_vllm, (f"missing {sorted(real_vllm - sim_vllm)}, "
-                                   f"extra {sorted(sim_vllm - real_vllm)}")
+    assert real_vllm == sim_vllm, (
+        f"missing {sorted(real_vllm - sim_vllm)}, extra {sorted(sim_vllm - real_vllm)}"
+    )
     missing_other = {n for n in real if not n.startswith("vllm:")} - set(sim)
     assert not missing_other, f"missing non-vllm families {sorted(missing_other)}"
     for name, rf in real.items():
@@ -106,8 +115,9 @@ def test_families_match_fixture(fixture: str, sim: dict[str, Family]) -> None:
 
 def test_every_vllm_sample_carries_engine_and_model_name(sim: dict[str, Family]) -> None:
     for name, fam in sim.items():
-        if not name.startswith("vllm:") or name.startswith(("vllm:admission_rejections",
-                                                             "vllm:cache_config_info")):
+        if not name.startswith("vllm:") or name.startswith(
+            ("vllm:admission_rejections", "vllm:cache_config_info")
+        ):
             continue  # real vLLM: model_name only / engine only on these two
         for sample, label_sets in fam.label_names.items():
             for labels in label_sets:
@@ -128,9 +138,14 @@ def test_lora_requests_info_in_vllm_format() -> None:
     fam = fams["vllm:lora_requests_info"]
     assert fam.type == "gauge"
     assert fam.label_names["vllm:lora_requests_info"] == {
-        frozenset({"max_lora", "running_lora_adapters", "waiting_lora_adapters"})}
+        frozenset({"max_lora", "running_lora_adapters", "waiting_lora_adapters"})
+    }
     text = busy_sim_page(lora=True)
-    values = [float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-              if ln.startswith("vllm:lora_requests_info{")]
+    values = [
+        float(ln.rsplit(" ", 1)[1])
+        for ln in text.splitlines()
+        if ln.startswith("vllm:lora_requests_info{")
+    ]
     import time
+
     assert values and all(abs(v - time.time()) < 60 for v in values)  # a timestamp

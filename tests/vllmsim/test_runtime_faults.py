@@ -19,7 +19,11 @@ async def test_metrics_hang_and_inference_500_switch_on_and_off(sim_factory, htt
     async with http.post(f"{base}/v1/chat/completions", json=body) as r:
         assert r.status == 500 and "error" in await r.json()
     async with http.post(f"{base}/sim/faults", json={"metrics_latency": 0, "fail_rate": 0}) as r:
-        assert await r.json() == {"metrics_latency": 0.0, "metrics_fail_rate": 0.0, "fail_rate": 0.0}
+        assert await r.json() == {
+            "metrics_latency": 0.0,
+            "metrics_fail_rate": 0.0,
+            "fail_rate": 0.0,
+        }
     async with http.get(f"{base}/metrics") as r:
         assert r.status == 200
     async with http.post(f"{base}/v1/chat/completions", json=body) as r:
@@ -34,4 +38,8 @@ async def test_bad_fault_requests_are_400_and_change_nothing(sim_factory, http) 
     async with http.post(f"{base}/sim/faults", data=b"{not json") as r:
         assert r.status == 400
     async with http.get(f"{base}/sim/faults") as r:
-        assert await r.json() == {"metrics_latency": 0.0, "metrics_fail_rate": 0.0, "fail_rate": 0.0}
+        assert await r.json() == {
+            "metrics_latency": 0.0,
+            "metrics_fail_rate": 0.0,
+            "fail_rate": 0.0,
+        }

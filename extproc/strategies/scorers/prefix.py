@@ -1,0 +1,64 @@
+"""``prefix``: the share of the prompt a server probably holds in its prefix cache.
+
+match = fraction of the prompt's leading blocks found for the server in the prefix index (see
+extproc/prefix_index.py). No prompt, or no server matches at all: no opinion.
+
+Load guard (parameters ``guard_abs`` and ``guard_rel``, off by default): a candidate whose load
+(running + waiting + in-flight) exceeds the least loaded candidate's by more than ``guard_abs``
+requests AND by the factor ``guard_rel`` scores 0, so a hot prefix cannot bury one server: the
+next best match, or the least loaded, takes the request (and then holds the prefix too). Like
+the Rust routers' cache_aware balance thresholds.
+
+Reasons, for a profile with ``reason: prefix``: ``prefix-hit`` (the pick holds the best match),
+``load-guard`` (the best match was guarded away), ``prefix-miss`` (no match anywhere).
+"""
+
+import math
+from collections.abc import Sequence
+from itertools import compress
+
+from extproc.snapshot import BackendView
+from extproc.strategies.base import Context, Params, Reason, Scorer, Scores, direct
+
+
+def _endpoints(candidates: Sequence[BackendView]) -> list[str]:
+    return [b.endpoint for b in candidates]
+
+
+def score(ctx: Context, params: Params) -> Scores | None:
+    facts = ctx.facts
+    if not facts.has_prompt:
+        return None
+    m = list(map(facts.prefix_match, ctx.column(_endpoints)))
+    best = ctx.memo["prefix"] = max(m)
+    if best <= 0.0:
+        return None
+    if params["guard_abs"] < math.inf:
+        loads = ctx.loads
+        lo = min(loads)
+        limit = max(
+            lo + params["guard_abs"], params["guard_rel"] * lo
+        )  # guarded: a load above both
+        for i in compress(range(len(m)), m):  # only the servers holding part of the prompt
+            if loads[i] > limit:
+                m[i] = 0.0
+    return direct(m)
+
+
+def explain(ctx: Context, params: Params, chosen: BackendView) -> Reason:
+    best = ctx.memo.get("prefix", 0.0)
+    if best <= 0.0:
+        return Reason.PREFIX_MISS
+    return (
+        Reason.PREFIX_HIT if ctx.facts.prefix_match(chosen.endpoint) >= best else Reason.LOAD_GUARD
+    )
+
+
+SCORER = Scorer(
+    "prefix",
+    "largest share of the prompt probably in the server's prefix cache",
+    score=score,
+    needs_metrics=False,
+    params={"guard_abs": math.inf, "guard_rel": 1.0},
+    explain=explain,
+)

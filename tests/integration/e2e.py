@@ -12,6 +12,8 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.processes import http_get
+
 MODEL = "tiny-llama"
 
 
@@ -131,3 +133,15 @@ async def envoy_routes_to(
         ln.rsplit("::", 1)[1] for ln in text.splitlines() if f"::{endpoint}::health_flags::" in ln
     ]
     return bool(flags) and all(f == "healthy" for f in flags)
+
+
+def envoy_stats(admin_url: str, flt: str) -> dict[str, int]:
+    """Envoy's counters and gauges whose name matches the regex ``flt`` (admin /stats)."""
+    status, text = http_get(f"{admin_url}/stats?filter={flt}", timeout=3.0)
+    assert status == 200, text
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().isdigit():
+            out[name] = int(value)
+    return out

@@ -40,6 +40,7 @@ from devstack.processes import (
     start_vllmsim,
 )
 
+from .e2e import envoy_stats as stats
 from .test_envoy_config import (
     PORT_KEY,
     FakeBackends,
@@ -303,17 +304,6 @@ async def send(
     ):
         data = await resp.read()
         return Reply(resp.status, {k.lower(): v for k, v in resp.headers.items()}, data, test_id)
-
-
-def stats(admin_url: str, flt: str) -> dict[str, int]:
-    status, text = http_get(f"{admin_url}/stats?filter={flt}", timeout=3.0)
-    assert status == 200, text
-    out = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(": ")
-        if value.strip().isdigit():
-            out[name] = int(value)
-    return out
 
 
 def health_flags(admin_url: str, cluster: str, endpoint: str) -> str:

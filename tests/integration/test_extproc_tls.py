@@ -32,7 +32,6 @@ from devstack import Stack
 from devstack.envoy_config import EXTPROC_CLUSTER, render_local_config, render_local_config_dict
 from devstack.processes import (
     free_port,
-    http_get,
     port_is_open,
     start_envoy,
     start_extproc,
@@ -41,24 +40,13 @@ from devstack.processes import (
 from extproc.grpc_server import SERVICE_NAME
 from extproc.tls import self_signed, write_pair
 
-from .e2e import Routed, eventually, post
+from .e2e import Routed, envoy_stats, eventually, post
 
 pytestmark = pytest.mark.integration
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 TLS_SOCKET = "envoy.transport_sockets.tls"
-
-
-def envoy_stats(admin_url: str, flt: str) -> dict[str, int]:
-    status, text = http_get(f"{admin_url}/stats?filter={flt}", timeout=3.0)
-    assert status == 200, text
-    out = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(": ")
-        if value.strip().isdigit():
-            out[name] = int(value)
-    return out
 
 
 def tls_stats(admin_url: str) -> dict[str, int]:

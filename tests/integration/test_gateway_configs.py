@@ -58,6 +58,16 @@ SIM_ARGS = ["--debug-echo", "--time-scale", "0.1"]
 # An ORIGINAL_DST cluster takes one address, not the service's ranked list (docs/envoy.md,
 # "Gateway configs"): the GIE-style gateway needs --fallback-endpoints 0.
 SERVICE_ARGS: dict[str, list[str]] = {"gie-reference": ["--fallback-endpoints", "0"]}
+# Round robin and no re-scrape during a test: the service keeps picking a simulator the test
+# killed, so what the gateway does with a dead pick shows.
+KEEP_PICKING_THE_DEAD = [
+    "--strategy",
+    "round-robin",
+    "--scrape-interval",
+    "60",
+    "--models-interval",
+    "60",
+]
 # Service answers seen per error case and config: they must be identical across the configs.
 ERROR_ANSWERS: dict[str, dict[str, tuple[int, str, bytes]]] = {}
 
@@ -418,14 +428,7 @@ async def test_istio_style_retries_reach_the_next_listed_host_when_the_pick_is_d
     s = _start_stack(
         tmp_path / "istio-dead-pick",
         "istio-style",
-        service_args=[
-            "--strategy",
-            "round-robin",
-            "--scrape-interval",
-            "60",
-            "--models-interval",
-            "60",
-        ],
+        service_args=KEEP_PICKING_THE_DEAD,
     )
     try:
         dead = s.sim_endpoints[0]
@@ -581,14 +584,7 @@ async def test_gie_reference_has_no_second_chance_for_a_dead_pick(
     s = _start_stack(
         tmp_path / "gie-dead-pick",
         "gie-reference",
-        service_args=[
-            "--strategy",
-            "round-robin",
-            "--scrape-interval",
-            "60",
-            "--models-interval",
-            "60",
-        ],
+        service_args=KEEP_PICKING_THE_DEAD,
     )
     try:
         dead = s.sim_endpoints[0]

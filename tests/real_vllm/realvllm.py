@@ -19,7 +19,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,8 +61,10 @@ def vllm_cpus() -> str:
     return os.environ.get("REAL_VLLM_CPUS", default).strip()
 
 
-def vllm_env() -> dict[str, str]:
-    """Environment of the real vLLM: offline, small KV cache, no telemetry, caches under run/."""
+def vllm_env(cpus: str | None = None) -> dict[str, str]:
+    """Environment of the real vLLM: offline, small KV cache, no telemetry, caches under run/.
+    ``cpus``: the taskset list it is pinned to (default :func:`vllm_cpus`)."""
+    cpus = vllm_cpus() if cpus is None else cpus
     return {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -75,9 +77,7 @@ def vllm_env() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         # With pinning: the worker's OpenMP threads on the same CPUs, no "reserved" core.
         **(
-            {"VLLM_CPU_OMP_THREADS_BIND": vllm_cpus(), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-            if vllm_cpus()
-            else {}
+            {"VLLM_CPU_OMP_THREADS_BIND": cpus, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"} if cpus else {}
         ),
     }
 
@@ -89,14 +89,17 @@ def start_real_vllm(
     log_dir: Path,
     max_num_seqs: int = 4,
     extra_args: Sequence[str] = (),
+    cpus: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
     name: str = "vllm-real",
     timeout: float = VLLM_START_TIMEOUT,
     wait: bool = True,
 ) -> Proc:
     """``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` CLI of vllm-cpu 0.32.0 is
     broken: it looks up the distribution "vllm"). Ready when /health is 200 and /v1/models
-    lists the served name. Flags as for the fixtures (tests/fixtures/README-vllm-metrics.txt)."""
-    cpus = vllm_cpus()
+    lists the served name. Flags as for the fixtures (tests/fixtures/README-vllm-metrics.txt).
+    ``cpus``: the taskset list to pin it to (default :func:`vllm_cpus`; empty: no pinning)."""
+    cpus = vllm_cpus() if cpus is None else cpus
     pin = ["taskset", "-c", cpus] if cpus and shutil.which("taskset") else []
     argv = [
         *pin,
@@ -120,7 +123,7 @@ def start_real_vllm(
         str(max_num_seqs),
         *extra_args,
     ]
-    proc = Proc(name, argv, log_dir=log_dir, env=vllm_env())
+    proc = Proc(name, argv, log_dir=log_dir, env={**vllm_env(cpus), **(extra_env or {})})
 
     def ready() -> bool:
         if http_get(f"http://127.0.0.1:{port}/health", timeout=2.0)[0] != 200:

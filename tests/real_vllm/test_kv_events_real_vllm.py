@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -40,12 +39,12 @@ import zmq
 import zmq.asyncio
 
 from devstack.envoy_config import render_local_config
-from devstack.processes import Proc, free_port, http_get, start_envoy, start_extproc
+from devstack.processes import Proc, free_port, start_envoy, start_extproc
 from extproc.kv_events import BlockStored, decode_message
 from extproc.tokenizer import HfTokenizer
 from tests.integration.e2e import post as gateway_post
 
-from .realvllm import MODEL, VLLM_START_TIMEOUT, eventually, post, vllm_env
+from .realvllm import MODEL, VLLM_START_TIMEOUT, eventually, post, start_real_vllm
 
 BLOCK = 32
 TOPIC = "kv-events"
@@ -80,43 +79,16 @@ class KvGateway:
 
 def _start_vllm(port: int, ipc: str, cpu: str, model_dir: Path, log_dir: Path, name: str) -> Proc:
     config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": ipc, "topic": TOPIC}
-    pin = ["taskset", "-c", cpu] if cpu and shutil.which("taskset") else []
-    argv = [
-        *pin,
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        MODEL,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "512",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-num-seqs",
-        "4",
-        "--block-size",
-        str(BLOCK),
-        "--kv-events-config",
-        json.dumps(config),
-    ]
-    env = {**vllm_env(), "VLLM_SERVER_DEV_MODE": "1"}  # POST /reset_prefix_cache
-    if cpu:
-        env.update({"VLLM_CPU_OMP_THREADS_BIND": cpu, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
-    proc = Proc(name, argv, log_dir=log_dir, env=env)
-
-    def ready() -> bool:
-        return http_get(f"http://127.0.0.1:{port}/health", timeout=2.0)[0] == 200
-
-    proc.ready_check = ready
-    proc.ready_what = f"real vLLM on port {port} (GET /health == 200)"
-    return proc
+    return start_real_vllm(
+        port,
+        model_dir=model_dir,
+        log_dir=log_dir,
+        extra_args=["--block-size", str(BLOCK), "--kv-events-config", json.dumps(config)],
+        cpus=cpu,
+        extra_env={"VLLM_SERVER_DEV_MODE": "1"},  # POST /reset_prefix_cache
+        name=name,
+        wait=False,
+    )
 
 
 @pytest.fixture(scope="module")

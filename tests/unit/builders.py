@@ -354,6 +354,11 @@ def body_bytes(draw: st.DrawFn) -> bytes:
 _body_modes = st.one_of(
     st.sampled_from([m for _, m in ProcessingMode.BodySendMode.items()]), st.integers(0, 2**31 - 1)
 )
+# Request body modes for the fuzzers, whose model is "every message gets its own answer". In
+# FULL_DUPLEX_STREAMED mode a generation request's header answer waits for the end of its body
+# (docs/endpoint-picker.md): that exchange is tested in test_gateway_protocol.py and end to end,
+# not here.
+_request_body_modes = _body_modes.filter(lambda m: m != ProcessingMode.FULL_DUPLEX_STREAMED)
 
 
 @st.composite
@@ -374,7 +379,7 @@ def request_headers_msg(draw: st.DrawFn, *, llm: bool = False) -> ep.ProcessingR
     )
     if llm or draw(st.booleans()):
         req.protocol_config.request_body_mode = (
-            draw(st.sampled_from(BUFFERED_MODES)) if llm else draw(_body_modes)
+            draw(st.sampled_from(BUFFERED_MODES)) if llm else draw(_request_body_modes)
         )
         req.protocol_config.response_body_mode = draw(_body_modes)
         req.protocol_config.send_body_without_waiting_for_header_response = draw(st.booleans())

@@ -42,6 +42,7 @@ from devstack.envoy_config import render_local_config
 from devstack.processes import Proc, free_port, start_envoy, start_extproc
 from extproc.kv_events import BlockStored, decode_message
 from extproc.tokenizer import HfTokenizer
+from tests.integration.e2e import envoy_routes_to
 from tests.integration.e2e import post as gateway_post
 
 from .realvllm import MODEL, VLLM_START_TIMEOUT, eventually, post, start_real_vllm
@@ -56,6 +57,7 @@ class KvGateway:
     ipc: list[str]
     admin_port: int
     envoy_port: int
+    envoy_admin_port: int = 0
     procs: list[Proc] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -129,7 +131,7 @@ def kv_gw(tiny_model: Path, run_dir: Path, figures: dict[str, Any]) -> Iterator[
                 timeout=60,
             )
         )
-        envoy_admin = free_port()
+        envoy_admin = gw.envoy_admin_port = free_port()
         config = render_local_config(
             listener_port=gw.envoy_port,
             admin_port=envoy_admin,
@@ -247,6 +249,14 @@ async def test_real_vllm_exact_routing_follows_the_servers_cache(
     async def blocks_of(ep: str) -> float:
         return await _metric(http, admin, "extproc_kv_index_blocks", backend=ep)
 
+    # Envoy health-checks the servers itself and ignores a pick it does not hold healthy yet
+    # (its fallback then serves): wait until it holds both healthy, as after any start-up.
+    for ep in (a, b):
+        await eventually(
+            lambda ep=ep: envoy_routes_to(http, f"http://127.0.0.1:{kv_gw.envoy_admin_port}", ep),
+            timeout=30,
+            what=f"Envoy's health check passes for {ep}",
+        )
     before_b = await blocks_of(b)
     r = await post(
         http, f"http://{b}", conversation(billing, "How do I read my invoice?")
@@ -262,6 +272,7 @@ async def test_real_vllm_exact_routing_follows_the_servers_cache(
         )
         assert r.status == 200, r.body
         routed.append((r.endpoint, r.reason))
+        assert r.headers.get("x-served-endpoint") == r.endpoint, r.headers
     assert routed == [(b, "prefix-hit")] * 6, routed
     # b forgets its cache (AllBlocksCleared); a caches the prefix from a direct request.
     cleared_before = await _metric(
@@ -299,6 +310,7 @@ async def test_real_vllm_exact_routing_follows_the_servers_cache(
         )
         assert r.status == 200, r.body
         after.append((r.endpoint, r.reason))
+        assert r.headers.get("x-served-endpoint") == r.endpoint, r.headers
     assert after == [(a, "prefix-hit")] * 4, after
     figures["kv_events_routing"] = {
         "to_b_before_reset": len(routed),

@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         "EXTPROC_<FLAG> (e.g. EXTPROC_STRATEGY) or a YAML file (--config); precedence: "
         "flag > environment > file > default.",
     )
-    serve.add_argument(
-        "--config", help="YAML file with settings (keys as the flags, e.g. scrape_interval: 0.2)"
-    )
+    # argparse, not pydantic-settings' CliSettingsSource: that one would take --profiles as JSON
+    # only (YAML text fails with a traceback) and print "(default factory: list)" in --help.
+    # Parsed values go to Settings as init values (load_settings), above environment and file.
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = field.description or ""
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif field.annotation is int:
             kwargs["type"] = int
         default = field.get_default(call_default_factory=True)
-        kwargs["help"] += f" (default: {default})"
+        kwargs["help"] += f" (default: {default if default != '' else repr('')})"
         serve.add_argument(flag, **kwargs)
     return parser
 
@@ -53,9 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     args.pop("command")
-    config_file = args.pop("config")
     try:
-        settings = load_settings(args, config_file)
+        settings = load_settings(args)
     except ConfigError as exc:
         print(f"extproc: {exc}", file=sys.stderr)
         return 2

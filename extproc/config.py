@@ -1,4 +1,8 @@
-"""Settings: defaults < YAML file (``--config``) < ``EXTPROC_*`` environment < command line."""
+"""Settings: defaults < YAML file (``--config``) < ``EXTPROC_*`` environment < command line.
+
+pydantic-settings merges the sources (:meth:`Settings.settings_customise_sources`); the command
+line arrives as init values (extproc/cli.py builds the flags from the fields).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,67 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from extproc.strategies import FALLBACKS, Profile, ProfileError, load_profiles
+
+
+class ConfigError(Exception):
+    pass
+
+
+class YamlFileSource(PydanticBaseSettingsSource):
+    """The ``--config`` YAML file; keys as the flags, with ``-`` or ``_``. Its path is itself a
+    setting (flag or ``EXTPROC_CONFIG``), taken from the sources above this one: hence not
+    ``YamlConfigSettingsSource``, whose path is fixed in the class's model_config."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        # Abstract in the base; pydantic-settings calls only __call__, which reads the whole file.
+        raise NotImplementedError
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config")
+        if not path:
+            return {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read --config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {path} must be a YAML mapping")
+        values = {str(k).replace("-", "_"): v for k, v in data.items()}
+        if "config" in values:
+            raise ConfigError(f"--config {path}: 'config' cannot be set inside the file")
+        return values
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EXTPROC_", extra="forbid")
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest first; the field defaults come last on their own. No .env or secrets files.
+        return init_settings, env_settings, YamlFileSource(settings_cls)
+
+    config: str = Field(
+        "",
+        description="YAML file with settings: keys as the flags ('-' or '_'), e.g. scrape-interval: 0.2; "
+        "'profiles:' adds routing profiles. Read once at start.",
+    )
     grpc_address: str = Field(
         "127.0.0.1:9002", description="host:port the ext_proc gRPC server listens on."
     )
@@ -96,7 +153,9 @@ class Settings(BaseSettings):
         "weighted",
         description="Default routing strategy: a profile, built in or added by --profiles / --config.",
     )
-    profiles: dict[str, Any] = Field(
+    # NoDecode: the environment's text goes to _profiles_text (JSON or YAML) like the flag's, and
+    # replaces the file's mapping whole instead of being deep-merged into it.
+    profiles: Annotated[dict[str, Any], NoDecode] = Field(
         default_factory=dict,
         description="Routing profiles to add or override: a mapping name -> {scorers: {scorer: weight or "
         "{weight, parameter: value}}, picker: name or {name, parameter: value}, reason: scorer} (README "
@@ -219,6 +278,15 @@ class Settings(BaseSettings):
         description="Most characters of new prompt text tokenized per request for the exact prefix index "
         "(chat segments seen before, e.g. a shared system prompt or earlier turns, are cached and free); "
         "the prompt is matched up to there. Bounds the cost per request (~0.3-0.6 us per character).",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Decision worker processes. 1: one process does everything. N >= 2: a main process "
+        "discovers and scrapes the backends and serves the admin port; N worker processes answer ext_proc "
+        "on the same --grpc-address (SO_REUSEPORT) from the main's published snapshot, with in-flight counts "
+        "shared across them (docs/scaling.md).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
@@ -352,27 +420,19 @@ class Settings(BaseSettings):
         return self
 
 
-class ConfigError(Exception):
-    pass
-
-
 def load_settings(cli: dict[str, Any], config_file: str | None = None) -> Settings:
-    """Merge the sources in precedence order; raise ConfigError with a readable message."""
-    merged: dict[str, Any] = {}
+    """Settings from the command-line values ``cli`` (None = not given), the environment, the
+    YAML file (``config_file`` or ``cli['config']`` or ``EXTPROC_CONFIG``) and the defaults;
+    raise ConfigError with a readable message."""
+    given = {k: v for k, v in cli.items() if v is not None}
     if config_file:
-        try:
-            data = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read --config {config_file}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config {config_file} must be a YAML mapping")
-        merged.update({k.replace("-", "_"): v for k, v in data.items()})
-    merged.update(EnvSettingsSource(Settings)())
-    merged.update({k: v for k, v in cli.items() if v is not None})
+        given["config"] = config_file
     try:
-        return Settings(**merged)
+        return Settings(**given)
     except ValidationError as exc:
         lines = [
             f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         ]
         raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
+    except SettingsError as exc:  # a source could not decode a value, e.g. from the environment
+        raise ConfigError(f"invalid settings:\n  {exc}") from None

@@ -207,7 +207,7 @@ class Settings(BaseSettings):
         description="Seconds between GET /v1/models per backend (model pools and LoRA adapters).",
     )
     weights: str = Field(
-        "queue=2,kv=2,prefix=3,lora=1",
+        "queue=1,kv=1,prefix=4,lora=1",
         description="Scorer weights of the 'weighted' profile, scorer=weight,... (missing scorers keep theirs; "
         "applied on top of --profiles when given; a route's x-extproc-weights overrides them).",
     )

@@ -29,6 +29,7 @@ rebuilt from the next events. A jump backward is a restarted server (its cache i
 
 from __future__ import annotations
 
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -104,6 +105,9 @@ class ServerBlocks:
     last_seq: int | None = None
     batches: int = 0  # batches received since the subscription started
     lru_evictions: int = 0
+    # time.monotonic() of the last eviction the events reported (or the index was dropped): the
+    # gateway's own picks from before it no longer say anything about this server's cache.
+    evicted_at: float = float("-inf")
 
     @property
     def has_events(self) -> bool:
@@ -116,6 +120,7 @@ class ServerBlocks:
     def clear(self) -> None:
         self.blocks.clear()
         self.by_vllm.clear()
+        self.evicted_at = time.monotonic()
 
     def on_batch(self, batch: Batch) -> Applied:
         applied = Applied()
@@ -188,6 +193,7 @@ class ServerBlocks:
             own = by_vllm.pop(hash_key(vh), None)
             if own is not None:
                 blocks.pop(own, None)
+                self.evicted_at = time.monotonic()
 
     def matched_blocks(self, hashes: tuple[int, ...]) -> int:
         """Leading blocks of ``hashes`` held, in O(log n) lookups: probe the first 1, 2, 4, 8 ...

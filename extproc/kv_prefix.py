@@ -6,7 +6,12 @@ configured, the prompt's token ids (once per request, cached by prompt). Per ser
 is then
 
 * **exact** when the server has sent KV events: the fraction of the prompt's full blocks (of the
-  server's block size, LoRA adapter in the chain's root) that lead its cached blocks;
+  server's block size, LoRA adapter in the chain's root) that lead its cached blocks - or, if
+  larger, the approximate match of the picks sent to it in the last ``RECENT_SECONDS`` (and
+  after the last eviction it reported): a
+  server publishes a block only once it has computed it, so without this the second request of
+  a new prefix, arriving while the first is still queued or in prefill, would see no holder and
+  start a second copy elsewhere (the routers that track their own picks do not);
 * **approximate** otherwise (no events from it, no tokenizer for the model, tokenizing failed):
   the gateway's own record of what it routed (extproc/prefix_index.py).
 
@@ -16,6 +21,7 @@ Which one decided is counted for the server picked (``extproc_prefix_source_tota
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from extproc.kv_index import KvIndex, ServerBlocks, chain_hashes, root_hash
@@ -25,6 +31,10 @@ from extproc.prefix_index import PrefixIndex
 from extproc.tokenizer import PromptTokens, Tokenizers
 
 log = logging.getLogger(__name__)
+
+# Longer than a request's queueing + prefill under load (then its events are in), short enough
+# that an eviction the events report is believed soon after.
+RECENT_SECONDS = 5.0
 
 
 def _no_adapters(model: str) -> frozenset[str]:
@@ -81,7 +91,16 @@ class PrefixSource:
 class PromptPrefix:
     """One request's prompt as the prefix indexes see it."""
 
-    __slots__ = ("_adapters", "approx_hashes", "has_prompt", "match", "model", "source", "tokens")
+    __slots__ = (
+        "_adapters",
+        "_recent_since",
+        "approx_hashes",
+        "has_prompt",
+        "match",
+        "model",
+        "source",
+        "tokens",
+    )
 
     def __init__(
         self,
@@ -102,6 +121,7 @@ class PromptPrefix:
                 endpoint, approx_hashes
             )
         else:
+            self._recent_since = time.monotonic() - RECENT_SECONDS
             self.match = self._match
 
     def _match(self, endpoint: str) -> float:
@@ -110,7 +130,13 @@ class PromptPrefix:
         if server is None:
             return self.source.approx.match_fraction(endpoint, self.approx_hashes)
         hashes = self.exact_hashes(endpoint, server)
-        return server.matched_blocks(hashes) / len(hashes) if hashes else 0.0
+        exact = server.matched_blocks(hashes) / len(hashes) if hashes else 0.0
+        if exact >= 1.0:
+            return exact
+        recent = self.source.approx.match_fraction(
+            endpoint, self.approx_hashes, max(self._recent_since, server.evicted_at)
+        )
+        return max(exact, recent)
 
     def exact_hashes(self, endpoint: str, server: ServerBlocks) -> tuple[int, ...]:
         assert self.tokens is not None

@@ -14,6 +14,7 @@ that leaves the pool is purged. Memory is bounded: per-backend capacity is cappe
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -48,7 +49,8 @@ class PrefixIndex:
         self.block_chars = block_chars
         self.default_capacity = default_capacity
         self.max_capacity = max_capacity
-        self._lru: dict[str, OrderedDict[int, None]] = {}
+        # block hash -> time.monotonic() of the last pick that sent it, oldest first
+        self._lru: dict[str, OrderedDict[int, float]] = {}
         self._capacity: dict[str, int] = {}
 
     def set_capacity_from_cache_config(
@@ -65,7 +67,11 @@ class PrefixIndex:
     def hashes(self, model: str, text: str) -> tuple[int, ...]:
         return block_hashes(model, text, self.block_chars)
 
-    def matched_blocks(self, endpoint: str, hashes: tuple[int, ...]) -> int:
+    def matched_blocks(
+        self, endpoint: str, hashes: tuple[int, ...], since: float | None = None
+    ) -> int:
+        """Leading blocks of ``hashes`` sent to ``endpoint`` (only by picks at or after
+        ``since``, a time.monotonic() value, when given)."""
         lru = self._lru.get(endpoint)
         if not lru or not hashes:
             return 0
@@ -74,26 +80,29 @@ class PrefixIndex:
         lo, hi = 0, len(hashes)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if hashes[mid - 1] in lru:
+            t = lru.get(hashes[mid - 1])
+            if t is not None and (since is None or t >= since):
                 lo = mid
             else:
                 hi = mid - 1
         return lo
 
-    def match_fraction(self, endpoint: str, hashes: tuple[int, ...]) -> float:
-        return self.matched_blocks(endpoint, hashes) / len(hashes) if hashes else 0.0
+    def match_fraction(
+        self, endpoint: str, hashes: tuple[int, ...], since: float | None = None
+    ) -> float:
+        return self.matched_blocks(endpoint, hashes, since) / len(hashes) if hashes else 0.0
 
-    def record(self, endpoint: str, hashes: tuple[int, ...]) -> None:
+    def record(self, endpoint: str, hashes: tuple[int, ...], now: float | None = None) -> None:
         if not hashes:
             return
         lru = self._lru.get(endpoint)
         if lru is None:
             lru = self._lru[endpoint] = OrderedDict()
+        t = time.monotonic() if now is None else now
         for h in hashes:
             if h in lru:
                 lru.move_to_end(h)
-            else:
-                lru[h] = None
+            lru[h] = t
         excess = len(lru) - self.capacity(endpoint)
         for _ in range(max(0, excess)):
             lru.popitem(last=False)

@@ -6,7 +6,7 @@ envoy.yaml sets them per route with ``ExtProcPerRoute.overrides.grpc_initial_met
 |---|---|---|
 | ``x-extproc-strategy`` | a strategy name | this route's strategy (beats the client header and the service default) |
 | ``x-extproc-allow-client-strategy`` | ``true`` / ``false`` | whether clients may pick with ``x-routing-strategy`` here (default true) |
-| ``x-extproc-weights`` | ``queue=2,kv=2,prefix=3,lora=1`` | scorer weights of the ``weighted`` profile (missing keys keep theirs; ``0`` drops a scorer, another scorer's name adds it) |
+| ``x-extproc-weights`` | ``queue=1,kv=1,prefix=4,lora=1`` | scorer weights of the ``weighted`` profile (missing keys keep theirs; ``0`` drops a scorer, another scorer's name adds it) |
 | ``x-extproc-prefix-guard`` | ``abs=8,rel=1.5`` | load guard of the ``prefix-cache`` profile's prefix scorer |
 | ``x-extproc-shed-queue-depth`` | a number, ``0`` = off | answer 429 when every candidate's queue is above it |
 
@@ -57,7 +57,7 @@ def _pairs(value: str) -> dict[str, float]:
 
 
 def parse_weights(value: str) -> dict[str, float]:
-    """``queue=2,kv=2,prefix=3,lora=1``: scorer name -> weight; ValueError if bad."""
+    """``queue=1,kv=1,prefix=4,lora=1``: scorer name -> weight; ValueError if bad."""
     pairs = _pairs(value)
     unknown = set(pairs) - set(SCORERS)
     if unknown:

@@ -96,8 +96,18 @@ BUILTIN: dict[str, ProfileSpec] = {
             "reason": "session",
         },
         "weighted": {
-            "description": "weighted sum of queue, KV, prefix and LoRA scores (the Inference Extension's default plus LoRA)",
-            "scorers": {"queue": 2, "kv": 2, "prefix": 3, "lora": 1},
+            "description": "weighted sum of queue, KV, prefix (with the load guard) and LoRA scores",
+            # The prefix outweighs queue + KV: a prefix hit saves a whole prefill, which a
+            # request or two more in the holder's queue does not cost; the load guard (as in
+            # prefix-cache) decides when the holder is too busy. With the Inference Extension's
+            # 2/2/3 the in-flight correction moved a hot prefix off its holder after one or two
+            # requests in flight (bench/results/routing-notes.md).
+            "scorers": {
+                "queue": 1,
+                "kv": 1,
+                "prefix": {"weight": 4, "guard_abs": 8, "guard_rel": 1.5},
+                "lora": 1,
+            },
         },
     }.items()
 }

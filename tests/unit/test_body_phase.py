@@ -206,12 +206,12 @@ def guarded(abs_: float):
 def test_route_settings_parsing_and_bad_values_ignored():
     s = parse_route_settings(
         [
-            ("x-extproc-weights", "queue=1,prefix=5"),
+            ("x-extproc-weights", "queue=3,prefix=5"),
             ("x-extproc-prefix-guard", "abs=8,rel=2"),
             ("other", "x"),
         ]
     )
-    assert s.profiles["weighted"].weights == {"queue": 1, "kv": 2, "prefix": 5, "lora": 1}
+    assert s.profiles["weighted"].weights == {"queue": 3, "kv": 1, "prefix": 5, "lora": 1}
     assert s.profiles["prefix-cache"].uses[0].params == {"guard_abs": 8, "guard_rel": 2}
     assert s.profiles["least-request"] is STRATEGIES["least-request"]  # the others untouched
     service = guarded(2.0)

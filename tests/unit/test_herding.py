@@ -1,6 +1,9 @@
 """No herding: between two scrapes the snapshot is frozen and only the in-flight counts move
 (the registry counts every pick). Every load-aware profile must then spread its decisions
 instead of piling onto the server that looked best at the last scrape.
+
+A behaviour test across modules: extproc/decide.py, the registry's in-flight counts
+(extproc/backends.py) and every load-aware profile of extproc/strategies/ (its scorers and pickers).
 """
 
 from __future__ import annotations

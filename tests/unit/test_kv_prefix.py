@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
@@ -9,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from extproc.kv_events import Batch, BlockStored
 from extproc.kv_index import KvIndex, ServerBlocks
 from extproc.kv_metrics import KvMetrics
-from extproc.kv_prefix import PrefixSource
+from extproc.kv_prefix import RECENT_SECONDS, PrefixSource
 from extproc.openai_request import parse_request
 from extproc.prefix_index import PrefixIndex
 from extproc.tokenizer import SimTokenizer, Tokenizers
@@ -103,8 +105,25 @@ def test_server_without_events_falls_back_to_the_approximate_index():
     prefix = source.lookup(req)
     assert prefix.match(C) == 1.0  # approximate: C never sent an event
     assert prefix.match(A) == 0.0  # exact: A's events say it does not hold it
-    approx.record(A, approx.hashes(req.model, req.prompt))
-    assert prefix.match(A) == 0.0  # the gateway's guess no longer counts where events exist
+    hashes = approx.hashes(req.model, req.prompt)
+    approx.record(A, hashes, now=time.monotonic() - RECENT_SECONDS - 1)
+    assert prefix.match(A) == 0.0  # an old guess of the gateway does not count where events exist
+
+
+def test_a_recent_pick_counts_until_the_servers_events_can_tell():
+    """The second request of a new prefix, sent while the first is still queued or in prefill
+    (no BlockStored yet), goes where the first went: the pick itself counts for RECENT_SECONDS."""
+    source, kv, _ = make()
+    req = chat("Tell me about prefix caching in detail, please.")
+    publish(kv.servers[A], [1] * BS)
+    approx = source.approx
+    approx.record(A, approx.hashes(req.model, req.prompt))  # just picked, no event yet
+    prefix = source.lookup(req)
+    assert prefix.match(A) == 1.0 and prefix.source_for(A) == "exact"
+    assert prefix.match(B) == 0.0
+    later = source.lookup(req)
+    later._recent_since = time.monotonic() + 1  # as if RECENT_SECONDS had passed
+    assert later.match(A) == 0.0  # then only the events count (e.g. it was evicted)
 
 
 def test_no_tokenizer_for_the_model_means_approximate_everywhere():

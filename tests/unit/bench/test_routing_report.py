@@ -1,6 +1,5 @@
-"""bench/routing_report.py and bench/routing_specs.py: the routing benchmark's report is built
-from whatever run files are present (runs of several invocations merge), with intervals and
-issue 9's targets; contender selection by name and pattern. No processes."""
+"""bench/routing_report.py: the routing benchmark's report is built from whatever run files are
+present (runs of several invocations merge), with intervals and issue 9's targets. No processes."""
 
 from __future__ import annotations
 
@@ -15,10 +14,7 @@ from bench.routing_specs import (
     RUN_FORMAT,
     RUNS_SUBDIR,
     WORKLOADS,
-    Contender,
-    contender_order,
     run_path,
-    select_contenders,
 )
 
 WL = "heterogeneous"
@@ -182,45 +178,3 @@ def test_report_writes_markdown_json_with_the_commit(out):
     doc = json.loads((out / "routing.json").read_text())
     assert doc["workloads"][WL]["calibration"]["capacity_rps_sim"] == CAP
     assert doc["machine"]["cpu_count"] >= 1 and doc["runs"] == 15
-
-
-# ================================================================================ contenders
-KNOWN = [
-    Contender("extproc", "weighted"),
-    Contender("extproc", "random"),
-    Contender("envoy", "round-robin"),
-    Contender("sglang-router", "cache_aware"),
-    Contender("sglang-router", "round_robin"),
-    Contender("vllm-router", "cache_aware"),
-]
-
-
-def test_select_contenders_by_name_family_pattern_and_all():
-    names = lambda spec: [c.name for c in select_contenders(spec, KNOWN)]  # noqa: E731
-    assert names("extproc:weighted,envoy") == ["extproc:weighted", "envoy:round-robin"]
-    assert names("*:cache_aware") == ["sglang-router:cache_aware", "vllm-router:cache_aware"]
-    assert names("sglang-router, extproc:weighted, sglang-router:round_robin") == [
-        "sglang-router:cache_aware",
-        "sglang-router:round_robin",
-        "extproc:weighted",
-    ]
-    assert len(names("all")) == len(KNOWN)
-    with pytest.raises(ValueError, match="no contender matches 'extproc:nope'"):
-        select_contenders("extproc:nope", KNOWN)
-
-
-def test_contender_order_puts_rust_policies_in_their_order():
-    names = [
-        "sglang-router:cache_aware",
-        "envoy:round-robin",
-        "sglang-router:round_robin",
-        "extproc:weighted",
-        "vllm-router:power_of_two",
-    ]
-    assert sorted(names, key=contender_order) == [
-        "extproc:weighted",
-        "envoy:round-robin",
-        "vllm-router:power_of_two",
-        "sglang-router:round_robin",
-        "sglang-router:cache_aware",
-    ]

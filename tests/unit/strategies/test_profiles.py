@@ -1,8 +1,8 @@
-"""Profiles from --config: adding, overriding, validating; the legacy flags; per-route overrides."""
+"""extproc/strategies/profiles.py: the built-in table; profiles from --config: adding, overriding,
+validating; the legacy flags; per-route overrides."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -11,6 +11,7 @@ import yaml
 from extproc.cli import main
 from extproc.config import ConfigError, load_settings
 from extproc.decide import decide
+from extproc.prefix_index import PrefixIndex
 from extproc.processor import Processor
 from extproc.route_settings import RouteSettings, parse_route_settings
 from extproc.strategies import (
@@ -22,7 +23,8 @@ from extproc.strategies import (
     load_profiles,
 )
 
-from .helpers import registry, scrape_ok, vm
+from ..helpers import registry, scrape_ok, vm
+from .helpers import prefix_facts, run
 
 
 def test_builtins_build_from_the_one_table():
@@ -52,9 +54,9 @@ def test_a_new_profile_gets_defaults_and_an_override_replaces_only_the_fields_gi
     assert table["weighted"].picker.name == "max"  # not given: the built-in's
     assert table["lazy"].weights == {} and table["lazy"].picker.name == "max"
     assert STRATEGIES["weighted"].weights == {
-        "queue": 2,
-        "kv": 2,
-        "prefix": 3,
+        "queue": 1,
+        "kv": 1,
+        "prefix": 4,
         "lora": 1,
     }  # untouched
 
@@ -113,21 +115,43 @@ def test_legacy_flags_apply_on_top():
         )
 
 
-def test_with_weights_and_with_params_validate():
-    w = STRATEGIES["weighted"]
-    assert w.with_weights({"queue": 0, "latency": 1}).weights == {
-        "kv": 2,
-        "prefix": 3,
-        "lora": 1,
-        "latency": 1,
-    }
-    for bad in ({"nope": 1}, {"queue": math.inf}, {"queue": -1}):
-        with pytest.raises(ValueError):
-            w.with_weights(bad)
-    p = STRATEGIES["prefix-cache"]
-    for bad in ({"nope": 1}, {"guard_abs": -1.0}):
-        with pytest.raises(ValueError):
-            p.with_params("prefix", bad)
+def test_the_profile_table_declares_every_strategy_of_the_api():
+    assert list(STRATEGIES) == [
+        "random",
+        "round-robin",
+        "least-request",
+        "throughput",
+        "least-kv-cache",
+        "least-latency",
+        "prefix-cache",
+        "session",
+        "weighted",
+    ]
+    assert STRATEGIES["weighted"].weights == {"queue": 1, "kv": 1, "prefix": 4, "lora": 1}
+    assert STRATEGIES["weighted"].uses[2].params == {"guard_abs": 8, "guard_rel": 1.5}
+    for name in (
+        "throughput",
+        "least-kv-cache",
+        "least-latency",
+    ):  # lagging signals: with the queue
+        assert "queue" in STRATEGIES[name].weights
+
+
+def test_weighted_blends_and_weights_change_the_choice():
+    reg, _ = registry(2)
+    scrape_ok(reg, 0, vm(running=6, kv=0.9))
+    scrape_ok(reg, 1, vm(running=0, kv=0.1))
+    index = PrefixIndex()
+    prompt = "shared " * 100
+    index.record("10.0.0.1:8000", index.hashes("m", prompt))
+    facts = prefix_facts(index, prompt)
+    assert run(reg, "weighted", facts).backend.index == 0  # prefix (4) beats load + kv (2)
+    load_heavy = STRATEGIES["weighted"].with_weights({"queue": 3, "kv": 3, "lora": 0})
+    assert run(reg, "weighted", facts, profile=load_heavy).backend.index == 1
+    # The load guard: the holder 10 requests (> 8 and > 1.5x) above the idle server loses its
+    # prefix score, whatever the weights.
+    scrape_ok(reg, 0, vm(running=10, kv=0.9))
+    assert run(reg, "weighted", facts).backend.index == 1
 
 
 # -- through the settings --------------------------------------------------------------------
@@ -168,12 +192,12 @@ def test_profiles_on_the_command_line_and_errors_name_the_place(capsys):
 def test_weights_and_guard_flags_reach_their_profiles():
     s = load_settings({"weights": "prefix=5", "prefix_guard_abs": 16.0})
     table = s.profile_table()
-    assert table["weighted"].weights == {"queue": 2, "kv": 2, "prefix": 5, "lora": 1}
+    assert table["weighted"].weights == {"queue": 1, "kv": 1, "prefix": 5, "lora": 1}
     assert table["prefix-cache"].uses[0].params == {"guard_abs": 16.0, "guard_rel": 1.5}
 
 
 def test_a_config_profile_is_selectable_per_request_and_per_route():
-    from .test_processor import decode, headers_msg
+    from ..test_processor import decode, headers_msg
 
     reg, _ = registry(3)
     for i in range(3):
@@ -206,7 +230,7 @@ def test_route_weights_build_a_derived_weighted_profile():
     scrape_ok(reg, 0, vm(running=0, kv=0.9))
     scrape_ok(reg, 1, vm(running=5, kv=0.0))
     route = parse_route_settings([("x-extproc-weights", "queue=10,kv=0")])
-    assert route.profiles["weighted"].weights == {"queue": 10, "prefix": 3, "lora": 1}
+    assert route.profiles["weighted"].weights == {"queue": 10, "prefix": 4, "lora": 1}
     d = decide(
         route.profiles["weighted"],
         FALLBACKS["random"],

@@ -1,0 +1,43 @@
+"""extproc/strategies/scorers/session.py: sticky sessions by key."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from extproc.strategies import RequestFacts
+
+from ...helpers import registry, scrape_ok, vm
+from ..helpers import run
+
+
+def test_session_is_sticky_and_moves_only_when_its_server_goes():
+    reg, _ = registry(4)
+    for i in range(4):
+        scrape_ok(reg, i, vm())
+    keys = [f"user-{i}" for i in range(200)]
+    before = {k: run(reg, "session", RequestFacts(session_key=k)).backend.endpoint for k in keys}
+    again = {
+        k: run(reg, "session", RequestFacts(session_key=k), seed=9).backend.endpoint for k in keys
+    }
+    assert before == again
+    assert len(Counter(before.values())) == 4  # spread over all servers
+    gone = "10.0.0.2:8000"
+    reg.set_backends([r.url for r in reg.records if r.endpoint != gone])
+    after = {k: run(reg, "session", RequestFacts(session_key=k)).backend.endpoint for k in keys}
+    moved = {k for k in keys if before[k] != after[k]}
+    assert moved == {k for k in keys if before[k] == gone}
+
+
+def test_session_avoids_unhealthy_server():
+    reg, _ = registry(3)
+    for i in range(3):
+        scrape_ok(reg, i, vm())
+    key = "abc"
+    home = run(reg, "session", RequestFacts(session_key=key)).backend.index
+    rec = reg.records[home]
+    for _ in range(3):
+        reg.record_failure(rec, "refused", timeout=False)
+    moved = run(reg, "session", RequestFacts(session_key=key)).backend.index
+    assert moved != home
+    scrape_ok(reg, home, vm())
+    assert run(reg, "session", RequestFacts(session_key=key)).backend.index == home

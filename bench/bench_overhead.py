@@ -910,8 +910,14 @@ _CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
         ("Processor.handle",),
     ),
     (
-        "/metrics scraping (aiohttp GET + parse, snapshot rebuild)",
-        ("extproc/scraper.py", "metrics_parser", "aiohttp/", "BackendRegistry.rebuild"),
+        "/metrics scraping (GET + parse, snapshot rebuild)",
+        (
+            "extproc/scraper.py",
+            "extproc/scrape_client.py",
+            "metrics_parser",
+            "aiohttp/",
+            "BackendRegistry.rebuild",
+        ),
     ),
     (
         "ext_proc stream handler minus decision (grpc.aio read/write/EOF)",

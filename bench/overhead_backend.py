@@ -7,7 +7,9 @@ backend:
   fake vLLM servers on loopback ports, with ``direct_response`` only (no upstream, no Python):
   ``POST /v1/chat/completions`` answers a canned OpenAI chat completion, ``GET /metrics`` answers
   a real vLLM ``/metrics`` capture (so the service's scraper parses real data every 100 ms, as in
-  production), ``GET /health`` answers 200, anything else 404.
+  production), ``GET /v1/models`` the model list (a 404 there would make the service ask again
+  after every scrape, doubling the scrape traffic), ``GET /health`` answers 200, anything else
+  404.
 * ``python bench/overhead_backend.py bare-processor --port P --endpoint IP:PORT`` - a BARE
   grpc.aio ext_proc processor: it parses each message only to learn its phase and answers with a
   pre-serialized response; the request-headers answer sets ``x-gateway-destination-endpoint``
@@ -32,6 +34,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+# GET /v1/models of a vLLM serving one model.
+MODELS_LIST: dict[str, Any] = {
+    "object": "list",
+    "data": [{"id": "tiny-llama", "object": "model", "owned_by": "vllm", "max_model_len": 2048}],
+}
 
 # A realistic non-streaming OpenAI chat completion (about 450 bytes).
 CHAT_COMPLETION: dict[str, Any] = {
@@ -133,6 +141,16 @@ def render_fake_vllm_config(
                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
                                 }
                             ],
+                        },
+                        {
+                            "match": {"path": "/v1/models"},
+                            "direct_response": {
+                                "status": 200,
+                                "body": {
+                                    "inline_string": json.dumps(MODELS_LIST, separators=(",", ":"))
+                                },
+                            },
+                            "response_headers_to_add": json_ct,
                         },
                         {"match": {"path": "/health"}, "direct_response": {"status": 200}},
                         {

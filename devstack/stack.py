@@ -27,6 +27,7 @@ from devstack.processes import (
     free_port,
     http_get,
     poll_until,
+    port_is_free,
     start_envoy,
     start_extproc,
     start_vllmsim,
@@ -86,6 +87,13 @@ class Stack:
     # Start the simulators only (no service, no Envoy): for routers that bring their own front
     # (the benchmarks' Envoy round-robin and Rust routers). url/admin_url are then unavailable.
     sims_only: bool = False
+    # `extproc serve --workers N` (decision worker processes; 1 = one process). A --workers in
+    # service_args wins.
+    workers: int = 1
+    # With workers > 1: each worker also listens on a port of its own (--worker-ports) and
+    # Envoy's extproc cluster lists those, so Envoy balances every stream over the workers
+    # (instead of the kernel spreading whole connections over the shared port).
+    worker_ports: bool = False
 
     # Filled by start().
     sims: list[Proc] = field(default_factory=list, init=False)
@@ -221,7 +229,20 @@ class Stack:
                 while port in chosen.values():
                     port = free_port()
             chosen[key] = port
+        if self._worker_ports_on and not self.sims_only:
+            n = self.workers
+            base = free_port()
+            while not all(
+                base + i not in chosen.values() and base + i < 65536 and port_is_free(base + i)
+                for i in range(n)
+            ):
+                base = free_port()
+            chosen["worker_ports"] = base
         self._ports = chosen
+
+    @property
+    def _worker_ports_on(self) -> bool:
+        return self.worker_ports and self.workers > 1
 
     def _all_ports_fixed(self) -> bool:
         return (
@@ -308,7 +329,16 @@ class Stack:
             grpc_port=self.service_grpc_port(replica),
             admin_port=self._ports["service_admin" if replica == 0 else f"service_admin{replica}"],
             backends=self.all_sim_urls,
-            args=[*self._service_tls_args(), *self.service_args],
+            args=[
+                *self._service_tls_args(),
+                *(["--workers", str(self.workers)] if self.workers > 1 else []),
+                *(
+                    ["--worker-ports", str(self._ports["worker_ports"])]
+                    if self._worker_ports_on
+                    else []
+                ),
+                *self.service_args,
+            ],
             log_dir=Path(self.log_dir),
             name="extproc" if replica == 0 else f"extproc-{replica}",
             timeout=self.start_timeout,
@@ -327,6 +357,9 @@ class Stack:
 
     def _render_envoy(self) -> str:
         extproc = [("127.0.0.1", self.service_grpc_port(j)) for j in range(self.service_replicas)]
+        if self._worker_ports_on:  # the workers' own ports: Envoy balances streams over them
+            base = self._ports["worker_ports"]
+            extproc = [("127.0.0.1", base + i) for i in range(self.workers)]
         kwargs: dict[str, Any] = {
             "listener_port": self._ports["envoy"],
             "admin_port": self._ports["envoy_admin"],

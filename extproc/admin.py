@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -53,15 +55,24 @@ def backends_json(registry: BackendRegistry) -> dict[str, object]:
 
 
 def build_admin_app(
-    registry: BackendRegistry, metrics: Metrics, settings: Settings
+    registry: BackendRegistry,
+    metrics: Metrics,
+    settings: Settings,
+    *,
+    workers: Callable[[], list[dict[str, object]]] | None = None,
 ) -> web.Application:
+    """``workers``: with --workers N, describes each worker for /healthz."""
+
     async def metrics_handler(_: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=generate_latest(metrics.exposition), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "backends": len(registry.records)})
+        body: dict[str, object] = {"status": "ok", "backends": len(registry.records)}
+        if workers is not None:
+            body["workers"] = workers()
+        return web.json_response(body)
 
     async def backends(_: web.Request) -> web.Response:
         return web.Response(

@@ -17,14 +17,16 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import grpc
 from aiohttp import web
+from grpc_health.v1 import health as grpc_health
 
 from extproc.admin import build_admin_app, split_address
 from extproc.backends import BackendRegistry
 from extproc.config import ConfigError, Settings
 from extproc.discovery import Discovery, normalize_static
 from extproc.gie_metrics import PoolCollector, pool_name
-from extproc.grpc_server import build_server, set_serving
+from extproc.grpc_server import ExtProcHandler, build_server, set_serving
 from extproc.health_port import build_health_server
 from extproc.kv_prefix import PrefixSource
 from extproc.observability import Metrics
@@ -38,6 +40,7 @@ from extproc.tls import server_credentials
 if TYPE_CHECKING:
     from extproc.k8s_discovery import K8sDiscovery
     from extproc.kv_subscriber import KvEventSubscriptions
+    from extproc.workers import WorkerPool
 
 log = logging.getLogger("extproc")
 
@@ -53,12 +56,19 @@ class Health:
         self.synced = False
         self.draining = False
         self.pool_size = 0
+        self.deciding = True  # --workers N: at least one worker serves
         self._published: bool | None = None
         self._lock = asyncio.Lock()
 
     @property
     def serving(self) -> bool:
-        return self.started and self.synced and not self.draining and self.pool_size > 0
+        return (
+            self.started
+            and self.synced
+            and not self.draining
+            and self.pool_size > 0
+            and self.deciding
+        )
 
     async def publish(self) -> None:
         async with self._lock:  # keep the order of flips when several are scheduled at once
@@ -73,7 +83,19 @@ class Health:
 
 async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (immediate) or SIGTERM arrives (drain first)."""
-    stop = stop or asyncio.Event()
+    pool: WorkerPool | None = None
+    if settings.workers > 1:  # scraping here, decisions in worker processes (docs/scaling.md)
+        from extproc.workers import WorkerPool
+
+        pool = WorkerPool.create(settings)
+    try:
+        await _serve(settings, stop or asyncio.Event(), pool)
+    finally:
+        if pool is not None:
+            await pool.close()  # no worker outlives the main; the run directory goes
+
+
+async def _serve(settings: Settings, stop: asyncio.Event, pool: WorkerPool | None) -> None:
     drain = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -88,12 +110,18 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
 
-    registry = BackendRegistry(
-        stale_after=settings.stale_after, max_metrics_age=settings.max_metrics_age
-    )
+    registry: BackendRegistry
+    if pool is not None:
+        registry = pool.registry
+    else:
+        registry = BackendRegistry(
+            stale_after=settings.stale_after, max_metrics_age=settings.max_metrics_age
+        )
     metrics = Metrics()
     metrics.attach_backends(registry)
     metrics.registry.register(PoolCollector(registry, pool_name(settings)))  # GIE inference_pool_*
+    if pool is not None:
+        metrics.merge_workers(str(pool.prometheus_dir), pool.collector())
     scraper = Scraper(
         registry,
         metrics,
@@ -102,35 +130,34 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         connect_timeout=settings.scrape_connect_timeout,
         models_interval=settings.models_interval,
         max_bytes=settings.max_scrape_bytes,
+        budget=settings.scrape_budget,
     )
     prefix_index = PrefixIndex()
-    prefix_source, kv_subscriptions = _exact_prefix(settings, prefix_index, registry, metrics)
-    processor = Processor(
-        registry,
-        default_strategy=settings.strategy,
-        fallback=FALLBACKS[settings.fallback],
-        metrics=metrics,
-        expose_routing_headers=settings.expose_routing_headers,
-        prefix_source=prefix_source,
-        max_body_bytes=settings.max_body_bytes,
-        default_route=RouteSettings(
-            profiles=settings.profile_table(),
-            shed_queue_depth=settings.shed_queue_depth or None,
-        ),
-        fallback_endpoints=settings.fallback_endpoints,
-        reject_when_empty=settings.empty_pool == "reject",
-        rng=random.Random(),
-    )
-    # TLS material is checked here, before anything listens: a bad file is a config error.
-    credentials = server_credentials(settings)
-    server, health_servicer, handler = build_server(
-        processor, registry, settings.grpc_address, credentials
-    )
+    kv_subscriptions: KvEventSubscriptions | None = None
+    server: grpc.aio.Server | None = None
+    handler: ExtProcHandler | None = None
+    if pool is None:
+        # TLS material is checked here, before anything listens: a bad file is a config error
+        # (with workers, WorkerPool.create checked it).
+        credentials = server_credentials(settings)
+        prefix_source, kv_subscriptions = _exact_prefix(settings, prefix_index, registry, metrics)
+        processor = build_processor(settings, registry, metrics, prefix_source)
+        server, health_servicer, handler = build_server(
+            processor, registry, settings.grpc_address, credentials
+        )
+    else:  # the workers answer ext_proc (and its port's health); this one serves the health port
+        health_servicer = grpc_health.aio.HealthServicer()
     # The same servicer on the plaintext health port: both ports always say the same.
     health_server = None
     if settings.grpc_health_address:
         health_server = build_health_server(health_servicer, settings.grpc_health_address)
-    health = Health(lambda serving: set_serving(health_servicer, serving), metrics)
+
+    async def set_status(serving: bool) -> None:
+        if pool is not None:
+            pool.set_serving(serving)
+        await set_serving(health_servicer, serving)
+
+    health = Health(set_status, metrics)
     background: set[asyncio.Task[None]] = set()
 
     def schedule_health() -> None:
@@ -197,14 +224,26 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     # Publish NOT_SERVING before listening: grpcio's health servicer starts with "" SERVING
     # and the other names unknown, which a probe could read in the first milliseconds.
     await health.publish()
-    await server.start()
+    if pool is not None:
+
+        def on_workers(up: int) -> None:
+            health.deciding = up > 0
+            schedule_health()
+
+        await pool.start(on_workers)  # returns once every worker serves
+    else:
+        assert server is not None
+        await server.start()
     if health_server is not None:
         await health_server.start()
         log.info("grpc.health.v1 also on %s (plaintext)", settings.grpc_health_address)
     health.started = True
     await health.publish()
 
-    runner = web.AppRunner(build_admin_app(registry, metrics, settings), access_log=None)
+    runner = web.AppRunner(
+        build_admin_app(registry, metrics, settings, workers=pool.describe if pool else None),
+        access_log=None,
+    )
     await runner.setup()
     host, port = split_address(settings.admin_address)
     await web.TCPSite(runner, host, port).start()
@@ -215,15 +254,23 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
         settings.strategy,
         len(registry.records),
     )
+
+    def open_streams() -> int:
+        if pool is not None:
+            return pool.open_streams
+        return handler.open_streams if handler is not None else 0
+
     try:
         await _first(stop, drain)
         if drain.is_set() and not stop.is_set():
             health.draining = True
             await health.publish()
+            if pool is not None:
+                pool.drain()  # each worker drains the same way, at the same time
             log.info(
                 "SIGTERM: draining for %.1f s (%d open streams)",
                 settings.drain_seconds,
-                handler.open_streams,
+                open_streams(),
             )
             try:
                 await asyncio.wait_for(stop.wait(), timeout=settings.drain_seconds)
@@ -232,21 +279,11 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     finally:
         health.draining = True
         await health.publish()
-        # Let open streams (= HTTP requests still running) finish by themselves, still accepting
-        # (Envoy no longer sends new ones once health is NOT_SERVING), then end the rest with OK.
-        grace = settings.stop_grace if drain.is_set() else min(settings.stop_grace, 2.0)
-        log.info("shutting down (%d open streams, up to %.1f s grace)", handler.open_streams, grace)
-        deadline = loop.time() + grace
-        while (
-            handler.open_streams
-            and loop.time() < deadline
-            and not (drain.is_set() and stop.is_set())
-        ):
-            await asyncio.sleep(0.05)
-        ended = handler.close_open_streams()
-        if ended:
-            log.info("ended %d open streams with status OK", ended)
-        await server.stop(grace=1.0)
+        if pool is not None:
+            await pool.stop(now=stop.is_set() or not drain.is_set())
+        else:
+            assert server is not None and handler is not None
+            await finish_streams(handler, server, settings, drain, stop)
         if health_server is not None:
             await health_server.stop(grace=0.5)
         await runner.cleanup()
@@ -256,6 +293,50 @@ async def run(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
             await kv_subscriptions.stop()
         for task in list(background):
             task.cancel()
+
+
+async def finish_streams(
+    handler: ExtProcHandler,
+    server: grpc.aio.Server,
+    settings: Settings,
+    drain: asyncio.Event,
+    stop: asyncio.Event,
+) -> None:
+    """Let open streams (= HTTP requests still running) finish by themselves, still accepting
+    (Envoy no longer sends new ones once health is NOT_SERVING), then end the rest with OK."""
+    loop = asyncio.get_running_loop()
+    grace = settings.stop_grace if drain.is_set() else min(settings.stop_grace, 2.0)
+    log.info("shutting down (%d open streams, up to %.1f s grace)", handler.open_streams, grace)
+    deadline = loop.time() + grace
+    while (
+        handler.open_streams and loop.time() < deadline and not (drain.is_set() and stop.is_set())
+    ):
+        await asyncio.sleep(0.05)
+    ended = handler.close_open_streams()
+    if ended:
+        log.info("ended %d open streams with status OK", ended)
+    await server.stop(grace=1.0)
+
+
+def build_processor(
+    settings: Settings, registry: BackendRegistry, metrics: Metrics, prefix_source: PrefixSource
+) -> Processor:
+    return Processor(
+        registry,
+        default_strategy=settings.strategy,
+        fallback=FALLBACKS[settings.fallback],
+        metrics=metrics,
+        expose_routing_headers=settings.expose_routing_headers,
+        prefix_source=prefix_source,
+        max_body_bytes=settings.max_body_bytes,
+        default_route=RouteSettings(
+            profiles=settings.profile_table(),
+            shed_queue_depth=settings.shed_queue_depth or None,
+        ),
+        fallback_endpoints=settings.fallback_endpoints,
+        reject_when_empty=settings.empty_pool == "reject",
+        rng=random.Random(),
+    )
 
 
 def _exact_prefix(

@@ -6,6 +6,7 @@ All mutation happens on the event loop thread; decisions only ever see the immut
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from collections import deque
@@ -52,6 +53,19 @@ class _Sample:
 
 
 @dataclass(slots=True)
+class SharedSlot:
+    """With ``--workers N``: the backend's column in the in-flight counters the processes share
+    (:mod:`extproc.shared_state`). Written by the main process, read by the workers."""
+
+    index: int  # the column
+    # Bumped each time the column is given to a backend: a worker drops the release of a pick
+    # made for an earlier occupant (its count stays in the column's base).
+    epoch: int
+    # sent total at the start of each recent scrape, by generation (the main's begin_scrape)
+    started: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class BackendRecord:
     url: str
     endpoint: str
@@ -71,6 +85,7 @@ class BackendRecord:
     failing: bool = False  # most recent POSTs answered 5xx (from http_requests_total)
     served_models: frozenset[str] = frozenset()  # ids from GET /v1/models
     adapters: frozenset[str] = frozenset()  # ids from /v1/models that have a parent (LoRA)
+    shared: SharedSlot | None = None  # --workers N: its in-flight counters (None: one process)
 
     @property
     def healthy(self) -> bool:
@@ -115,6 +130,7 @@ class BackendRegistry:
         self._pending: list[int] = []
         self._active: set[int] = set()  # slots whose pending count is not 0
         self._base = Snapshot()
+        self._rebuild_scheduled = False
 
     # -- membership ---------------------------------------------------------------
     def set_backends(self, urls: Iterable[str]) -> tuple[list[BackendRecord], list[BackendRecord]]:
@@ -180,7 +196,7 @@ class BackendRegistry:
         self._sync_pending(record)
         self._update_windows(record, now, metrics)
         if newcomer or was_suspect != record.suspect:
-            self.rebuild()  # newcomer, cold start or recovery: visible without waiting a tick
+            self._rebuild_soon()  # newcomer, cold start or recovery: without waiting a tick
 
     def record_failure(
         self, record: BackendRecord, error: str, *, timeout: bool, down: bool = False
@@ -195,14 +211,14 @@ class BackendRegistry:
         else:
             record.failures += 1
         if (record.healthy, record.overloaded, record.suspect) != was:
-            self.rebuild()  # suspect/unhealthy/overloaded: stop routing on the old view now
+            self._rebuild_soon()  # suspect/unhealthy/overloaded: stop routing on the old view
 
     def record_models(
         self, record: BackendRecord, ids: frozenset[str], adapters: frozenset[str]
     ) -> None:
         if (ids, adapters) != (record.served_models, record.adapters):
             record.served_models, record.adapters = ids, adapters
-            self.rebuild()  # model pools changed: route by the new ones at once
+            self._rebuild_soon()  # model pools changed: route by the new ones at once
 
     @staticmethod
     def _update_windows(record: BackendRecord, now: float, m: VllmMetrics) -> None:
@@ -280,6 +296,28 @@ class BackendRegistry:
     def rebuild_view(self) -> Snapshot:
         """A fresh snapshot for observers (admin, metrics) without replacing the live one."""
         return build_snapshot(self._ordered, self._clock(), self.stale_after, self.max_metrics_age)
+
+    def _rebuild_soon(self) -> None:
+        """Publish a change that matters to routing before the event loop's next round.
+
+        A rebuild is O(pool) (~6 ms at 1,000 backends): when a whole pool appears at once, or
+        every backend turns suspect in the same stall, one rebuild per loop round serves them
+        all instead of one per backend (O(pool^2), seconds of a blocked loop). Without a running
+        loop (synchronous callers) it rebuilds at once.
+        """
+        if self._rebuild_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.rebuild()
+            return
+        self._rebuild_scheduled = True
+        loop.call_soon(self._scheduled_rebuild)
+
+    def _scheduled_rebuild(self) -> None:
+        self._rebuild_scheduled = False
+        self.rebuild()
 
     def rebuild(self) -> Snapshot:
         now = self._clock()

@@ -185,6 +185,14 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest /metrics or /v1/models reply read (bytes); larger is a failed scrape.",
     )
+    scrape_budget: float = Field(
+        0.5,
+        ge=0,
+        description="CPU cores scraping may use (measured cost per scrape x scrapes per second); 0 = no "
+        "limit. When the pool needs more, idle steady backends are scraped less often first (up to 10x "
+        "--scrape-interval, at most --stale-after), busy or changing ones last. Default: half a core, "
+        "so scraping never takes the decision core (README 'Sizing the scrape budget').",
+    )
     stale_after: float = Field(
         1.0,
         gt=0,
@@ -287,6 +295,15 @@ class Settings(BaseSettings):
         "discovers and scrapes the backends and serves the admin port; N worker processes answer ext_proc "
         "on the same --grpc-address (SO_REUSEPORT) from the main's published snapshot, with in-flight counts "
         "shared across them (docs/scaling.md).",
+    )
+    worker_ports: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="With --workers N: worker i also listens on this port + i (the host and TLS of "
+        "--grpc-address), for an Envoy cluster that lists the N worker addresses: Envoy then balances "
+        "every ext_proc stream over the workers, where the shared port spreads whole connections at "
+        "random (docs/scaling.md). 0: the shared port only.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."

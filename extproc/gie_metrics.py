@@ -284,6 +284,7 @@ class ObjectiveMetrics:
             "Requests routed and not finished yet, by requested model.",
             ["model_name"],
             registry=registry,
+            multiprocess_mode="livesum",  # --workers N: the sum over the live workers
         )
 
     # -- label values --------------------------------------------------------------------

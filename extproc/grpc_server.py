@@ -100,9 +100,14 @@ def build_server(
     registry: BackendRegistry,
     address: str,
     credentials: grpc.ServerCredentials | None = None,
+    *,
+    reuse_port: bool = False,
+    also: tuple[str, ...] = (),
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, ExtProcHandler]:
-    """The ext_proc + grpc.health.v1 server on ``address``: TLS with ``credentials``
-    (extproc.tls.server_credentials), plaintext without."""
+    """The ext_proc + grpc.health.v1 server on ``address`` (and the addresses ``also``): TLS
+    with ``credentials`` (extproc.tls.server_credentials), plaintext without. ``reuse_port``:
+    share the port with the other ``--workers`` (the main checked that nothing else listens
+    there)."""
     handler = ExtProcHandler(processor, registry)
     max_message = processor.max_body_bytes + _MESSAGE_HEADROOM
     rpc = grpc.stream_stream_rpc_method_handler(
@@ -113,7 +118,8 @@ def build_server(
     server = grpc.aio.server(
         options=[
             # No SO_REUSEPORT: a second service on the same port must fail loudly, not share.
-            ("grpc.so_reuseport", 0),
+            # Workers of one service share it (the kernel spreads connections over them).
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             # Envoy keeps one HTTP/2 connection with many streams: allow plenty of them.
             ("grpc.max_concurrent_streams", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -129,15 +135,16 @@ def build_server(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        if credentials is not None:
-            port = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError as exc:  # recent grpcio raises where older versions returned 0
-        raise OSError(f"cannot listen on gRPC address {address}: {exc}") from None
-    if port == 0:
-        raise OSError(f"cannot listen on gRPC address {address}")
+    for where in (address, *also):
+        try:
+            if credentials is not None:
+                port = server.add_secure_port(where, credentials)
+            else:
+                port = server.add_insecure_port(where)
+        except RuntimeError as exc:  # recent grpcio raises where older versions returned 0
+            raise OSError(f"cannot listen on gRPC address {where}: {exc}") from None
+        if port == 0:
+            raise OSError(f"cannot listen on gRPC address {where}")
     return server, health_servicer, handler
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from extproc.gie_metrics import ObjectiveMetrics
@@ -135,14 +136,62 @@ class Metrics:
             "1 while the gRPC health status is SERVING (0 while draining or with an empty pool).",
             registry=self.registry,
         )
+        # What scraping costs and how often it runs (--scrape-budget, extproc/scrape_budget.py).
+        self._scrape_interval = Gauge(
+            "extproc_scrape_interval_seconds",
+            "Seconds between two scrapes of one backend, by priority: busy (requests running or "
+            "waiting, KV in use, numbers moving, traffic just routed, failing scrapes) or idle "
+            "(steady and empty, or down). Above --scrape-interval only when --scrape-budget needs it.",
+            ["priority"],
+            registry=self.registry,
+        )
+        self._scrape_backends = Gauge(
+            "extproc_scrape_backends",
+            "Backends by scrape priority (busy, idle).",
+            ["priority"],
+            registry=self.registry,
+        )
+        self._scrape_cpu = Counter(
+            "extproc_scrape_cpu_seconds",
+            "CPU seconds the scraper spent on the event loop (measured on one scrape in 4, the "
+            "others counted at the moving average; socket reads and select are not included).",
+            registry=self.registry,
+        )
+        self._scrape_budget = Gauge(
+            "extproc_scrape_budget_cores",
+            "CPU cores scraping may use now: --scrape-budget (0 = no limit), halved after each "
+            "stall of the service's event loop and restored over the next ticks.",
+            registry=self.registry,
+        )
+        self._scrape_cost = Gauge(
+            "extproc_scrape_cost_seconds",
+            "Moving average of the CPU seconds one scrape costs (what --scrape-budget divides).",
+            registry=self.registry,
+        )
+        self._scrape_cpu_seen = 0.0
         ProcessCollector(registry=self.registry)  # RSS, open fds, CPU: what a soak test watches
         self._decision_children: dict[tuple[str, str], object] = {}
-        self._scrape_results: dict[str, set[str]] = {}
+        self._scrape_results: dict[str, dict[str, object]] = {}  # backend -> result -> child
         # The Gateway API Inference Extension's per-request series (extproc/gie_metrics.py).
         self.objectives = ObjectiveMetrics(self.registry)
+        # What /metrics serves: this registry, or with --workers N this one merged with the
+        # workers' (merge_workers).
+        self.exposition: CollectorRegistry = self.registry
 
-    def attach_backends(self, backends: BackendRegistry) -> None:
-        self.registry.register(_BackendCollector(backends))
+    def merge_workers(self, path: str, *extra: Collector) -> None:
+        """Serve this registry merged with the workers' multiprocess files in ``path`` (their
+        PROMETHEUS_MULTIPROC_DIR) and ``extra`` collectors."""
+        exposition = CollectorRegistry(auto_describe=False)
+        exposition.register(MergedCollector(self.registry, MultiProcessCollector(None, path)))
+        for collector in extra:
+            exposition.register(collector)
+        self.exposition = exposition
+
+    def attach_backends(self, backends: BackendRegistry, *, collect: bool = True) -> None:
+        """``collect``: also export the per-backend gauges (not in a --workers worker, whose
+        registry is a copy: the main exports them)."""
+        if collect:
+            self.registry.register(_BackendCollector(backends))
         # Model label values are restricted to the models some backend serves.
         self.objectives.known_models = lambda: backends.snapshot().model_pools
 
@@ -158,8 +207,15 @@ class Metrics:
         self._rejections.labels(reason).inc()
 
     def scraped(self, backend: str, result: str) -> None:
-        self._scrape_results.setdefault(backend, set()).add(result)
-        self._scrapes.labels(backend, result).inc()
+        # One call per scrape (thousands per second with a large pool): the label child is
+        # cached, as labels() costs a lock and a tuple key every time.
+        results = self._scrape_results.get(backend)
+        if results is None:
+            results = self._scrape_results[backend] = {}
+        child = results.get(result)
+        if child is None:
+            child = results[result] = self._scrapes.labels(backend, result)
+        child.inc()  # type: ignore[attr-defined]
 
     def forget_backend(self, backend: str) -> None:
         """Drop a departed backend's series (pods come and go; series must not pile up)."""
@@ -171,6 +227,22 @@ class Metrics:
 
     def loop_lag(self, seconds: float) -> None:
         self._loop_lag.observe(seconds)
+
+    def scrape_plan(
+        self, busy_interval: float, idle_interval: float, busy: int, idle: int, budget: float
+    ) -> None:
+        self._scrape_budget.set(budget)
+        self._scrape_interval.labels("busy").set(busy_interval)
+        self._scrape_interval.labels("idle").set(idle_interval)
+        self._scrape_backends.labels("busy").set(busy)
+        self._scrape_backends.labels("idle").set(idle)
+
+    def scrape_cost(self, per_scrape: float, total: float) -> None:
+        """``total``: the scraper's running CPU total (seconds); the counter follows it."""
+        self._scrape_cost.set(per_scrape)
+        if total > self._scrape_cpu_seen:
+            self._scrape_cpu.inc(total - self._scrape_cpu_seen)
+            self._scrape_cpu_seen = total
 
     def task_error(self, task: str) -> None:
         self._task_errors.labels(task).inc()
@@ -211,3 +283,42 @@ class Metrics:
     def objective_running(self, model: str | None) -> Callable[[], None]:
         """inference_objective_running_requests +1; call the returned function once the request ends."""
         return self.objectives.running(model)
+
+
+class _Source(Protocol):
+    def collect(self) -> Iterable[Metric]: ...
+
+
+class MergedCollector(Collector):
+    """Families of several collectors as one (the main's registry + the workers' files).
+
+    Samples with the same name and labels are summed: counters and histograms add up across
+    processes. A worker gauge declared with a multiprocess mode (``livesum``, ...) arrives
+    aggregated and adds to the main's; one without (mode ``all``) carries a ``pid`` label and is
+    dropped: those gauges (serving, scrape plan) are the main's.
+    """
+
+    def __init__(self, *sources: _Source) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for source in self._sources:
+            for family in source.collect():
+                into = merged.get(family.name)
+                if into is None:
+                    into = merged[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit
+                    )
+                    values[family.name] = {}
+                sums = values[family.name]
+                for sample in family.samples:
+                    if family.type == "gauge" and "pid" in sample.labels:
+                        continue
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    sums[key] = sums.get(key, 0.0) + sample.value
+        for name, family in merged.items():
+            for (sample_name, labels), value in values[name].items():
+                family.add_sample(sample_name, dict(labels), value)
+            yield family

@@ -11,6 +11,8 @@ import pytest
 from devstack import Stack
 from devstack.processes import find_envoy
 
+from .e2e import service_workers
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
@@ -26,6 +28,15 @@ def _failed(request: pytest.FixtureRequest) -> bool:
         getattr(getattr(request.node, f"rep_{when}", None), "failed", False)
         for when in ("setup", "call")
     )
+
+
+@pytest.fixture(autouse=True)
+def _service_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``EXTPROC_TEST_WORKERS=N`` every service a test starts (devstack, start_extproc,
+    in-process ``run``) reads ``EXTPROC_WORKERS=N``: the same tests against N decision worker
+    processes (docs/scaling.md). A test's own ``--workers`` still wins."""
+    if service_workers() > 1:
+        monkeypatch.setenv("EXTPROC_WORKERS", str(service_workers()))
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -15,6 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from devstack.processes import http_get
 
 MODEL = "tiny-llama"
+
+
+def service_workers() -> int:
+    """``--workers`` of the services the integration tests start: ``EXTPROC_TEST_WORKERS``
+    (default 1), so a CI job runs the same tests against decision worker processes."""
+    return int(os.environ.get("EXTPROC_TEST_WORKERS", "1"))
 
 
 @dataclass

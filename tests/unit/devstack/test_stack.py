@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from devstack.processes import Proc, free_port, http_get, poll_until
-from devstack.stack import Supervisor, Watch
+from devstack.stack import Stack, Supervisor, Watch
 
 
 def _server(tmp_path: Path, name: str) -> tuple[Proc, str]:
@@ -182,3 +183,22 @@ def test_restart_budget_is_bounded(children):
         sup.check()
     assert not children["service"][0].alive()
     assert children["sim-a"][0].alive() and children["sim-b"][0].alive()
+
+
+def test_worker_ports_put_every_worker_in_envoys_extproc_cluster(tmp_path):
+    def extproc_ports(s: Stack) -> list[int]:
+        s._pick_ports()
+        cfg = yaml.safe_load(s._render_envoy())
+        cluster = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "extproc")
+        return [
+            e["endpoint"]["address"]["socket_address"]["port_value"]
+            for group in cluster["load_assignment"]["endpoints"]
+            for e in group["lb_endpoints"]
+        ]
+
+    shared = Stack(log_dir=tmp_path, workers=3)
+    assert extproc_ports(shared) == [shared.service_grpc_port()]
+    own = Stack(log_dir=tmp_path, workers=3, worker_ports=True)
+    ports = extproc_ports(own)
+    assert len(ports) == 3 and ports == list(range(ports[0], ports[0] + 3))
+    assert shared.service_grpc_port() not in ports

@@ -100,6 +100,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             "independent single-turn chats with ShareGPT-like lengths (nothing shared but the "
             "chat template), Poisson arrivals",
             target=1.0,
+            target_rr=0.8,
         ),
         WorkloadSpec(
             "shared-prefix",

@@ -199,12 +199,11 @@ def targets(
         # seeds both ran: a policy measured on fewer (easier) seeds must not look better.
         vs_rust = [c for c in (compare(p, spec.target) for p in rust) if c is not None]
         row["vs_rust"] = max(vs_rust, key=lambda c: c["ratio"], default=None)
-        best = row["vs_rust"]
         row["vs_rr"] = compare(at.get("envoy:round-robin"), spec.target_rr)
         if ours is None:
             row["verdict"] = f"not measured ({row['ours']} missing)"
-        elif best is None:
-            row["verdict"] = "not measured (no Rust-router run)"
+        elif row["vs_rust"] is None:
+            row["verdict"] = "not measured (no Rust-router run on our seeds)"
         out.append(row)
     return out
 

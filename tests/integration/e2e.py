@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,26 @@ async def post(
         url + path, data=data, headers=hdrs, timeout=aiohttp.ClientTimeout(total=timeout)
     ) as r:
         return Routed(r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read())
+
+
+@contextlib.asynccontextmanager
+async def long_requests(
+    session: aiohttp.ClientSession, url: str, n: int, *, max_tokens: int = 3000
+) -> AsyncIterator[list[asyncio.Task[Routed]]]:
+    """``n`` chat requests to ``url`` that keep running (``ignore_eos``) while the block runs:
+    load a server for real; cancelled (and awaited) on exit."""
+    tasks = [
+        asyncio.create_task(
+            post(session, url, chat_body(max_tokens=max_tokens, ignore_eos=True), timeout=120)
+        )
+        for _ in range(n)
+    ]
+    try:
+        yield tasks
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def get_json(session: aiohttp.ClientSession, url: str) -> Any:

@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
-from .e2e import all_fresh, backend_view, chat_body, eventually, get_json, post
+from .e2e import all_fresh, backend_view, chat_body, eventually, get_json, long_requests, post
 
 pytestmark = pytest.mark.integration
 
@@ -128,13 +128,7 @@ async def test_repeated_prefix_sticks_until_the_load_guard(stack):
         assert all(reason == "prefix-hit" for _, reason in picks[1:]), picks
         # Load the home server directly (not through the gateway) past the default guard (> 8 and 1.5x).
         home_url = s.sim_urls[s.sim_endpoints.index(home)]
-        hold = [
-            asyncio.create_task(
-                post(http, home_url, chat_body(max_tokens=3000, ignore_eos=True), timeout=120)
-            )
-            for _ in range(12)
-        ]
-        try:
+        async with long_requests(http, home_url, 12):
 
             async def loaded() -> bool:
                 return (await backend_view(http, s.admin_url, home))["running"] >= 12
@@ -142,10 +136,6 @@ async def test_repeated_prefix_sticks_until_the_load_guard(stack):
             await eventually(loaded)
             r = await post(http, s.url, chat_body(SYSTEM + " Question 99?", max_tokens=2))
             assert r.status == 200 and r.pod != home and r.reason == "load-guard", (r.pod, r.reason)
-        finally:
-            for t in hold:
-                t.cancel()
-            await asyncio.gather(*hold, return_exceptions=True)
 
 
 async def test_sessions_stick_and_move_when_their_server_dies(stack):

@@ -19,6 +19,7 @@ from .e2e import (
     envoy_routes_to,
     eventually,
     get_json,
+    long_requests,
     ok_scrapes,
     post,
 )
@@ -52,13 +53,7 @@ async def test_a_profile_from_the_config_file_routes_and_avoids_the_busy_backend
     pick = {"x-routing-strategy": "queue-first"}
     async with aiohttp.ClientSession() as http:
         await eventually(lambda: all_fresh(http, s.admin_url))
-        hold = [
-            asyncio.create_task(
-                post(http, busy_url, chat_body(max_tokens=2000, ignore_eos=True), timeout=120)
-            )
-            for _ in range(6)
-        ]
-        try:
+        async with long_requests(http, busy_url, 6, max_tokens=2000):
 
             async def busy_seen() -> bool:
                 return (await backend_view(http, s.admin_url, busy))["running"] >= 6
@@ -68,10 +63,6 @@ async def test_a_profile_from_the_config_file_routes_and_avoids_the_busy_backend
                 r = await post(http, s.url, headers=pick)
                 assert r.status == 200 and r.pod == s.sim_endpoints[1], (r.pod, r.reason)
                 assert (r.headers["x-routing-strategy"], r.reason) == ("queue-first", "metrics")
-        finally:
-            for t in hold:
-                t.cancel()
-            await asyncio.gather(*hold, return_exceptions=True)
 
 
 async def test_least_request_avoids_the_busy_backend(stack):
@@ -80,13 +71,7 @@ async def test_least_request_avoids_the_busy_backend(stack):
     busy_url, busy = s.sim_urls[0], s.sim_endpoints[0]
     async with aiohttp.ClientSession() as http:
         await eventually(lambda: all_fresh(http, s.admin_url))
-        hold = [
-            asyncio.create_task(
-                post(http, busy_url, chat_body(max_tokens=2000, ignore_eos=True), timeout=120)
-            )
-            for _ in range(6)
-        ]
-        try:
+        async with long_requests(http, busy_url, 6, max_tokens=2000):
 
             async def busy_seen() -> bool:
                 return (await backend_view(http, s.admin_url, busy))["running"] >= 6
@@ -96,10 +81,6 @@ async def test_least_request_avoids_the_busy_backend(stack):
                 r = await post(http, s.url)
                 assert r.status == 200 and r.pod == s.sim_endpoints[1], (r.pod, r.reason)
                 assert r.reason == "metrics"
-        finally:
-            for t in hold:
-                t.cancel()
-            await asyncio.gather(*hold, return_exceptions=True)
 
 
 async def test_cold_start_then_metrics_from_the_first_good_scrape(stack):
@@ -200,13 +181,7 @@ async def test_scale_out_newcomer_is_neither_flooded_nor_starved(stack, log_dir)
             return not (await backend_view(http, s.admin_url, newcomer))["healthy"]
 
         await eventually(gone)
-        hold = [
-            asyncio.create_task(
-                post(http, s.url, chat_body(max_tokens=3000, ignore_eos=True), timeout=120)
-            )
-            for _ in range(8)
-        ]
-        try:
+        async with long_requests(http, s.url, 8):
 
             async def loaded() -> bool:
                 views = [await backend_view(http, s.admin_url, e) for e in s.sim_endpoints[:2]]
@@ -229,10 +204,6 @@ async def test_scale_out_newcomer_is_neither_flooded_nor_starved(stack, log_dir)
             # then share (~10 of 24); it must neither take (almost) everything nor be left out.
             assert 4 <= got <= 18, got
             assert all(r.pod in s.sim_endpoints for r in burst)
-        finally:
-            for t in hold:
-                t.cancel()
-            await asyncio.gather(*hold, return_exceptions=True)
 
 
 async def test_streaming_arrives_chunk_by_chunk(stack):

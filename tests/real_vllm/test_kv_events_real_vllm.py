@@ -265,14 +265,20 @@ async def test_real_vllm_exact_routing_follows_the_servers_cache(
     await eventually(
         lambda: _gt(blocks_of(b), before_b), timeout=30, what="b's events in the service"
     )
-    routed = []
-    for i in range(6):
-        r = await gateway_post(
-            http, kv_gw.url, conversation(billing, f"Refund question {i}?"), headers=strategy
-        )
-        assert r.status == 200, r.body
-        routed.append((r.endpoint, r.reason))
-        assert r.headers.get("x-served-endpoint") == r.endpoint, r.headers
+
+    async def route(question: str, n: int) -> list[tuple[str, str]]:
+        """``n`` gateway requests with the billing prefix: (pick, reason) of each."""
+        out = []
+        for i in range(n):
+            r = await gateway_post(
+                http, kv_gw.url, conversation(billing, f"{question} {i}?"), headers=strategy
+            )
+            assert r.status == 200, r.body
+            assert r.headers.get("x-served-endpoint") == r.endpoint, r.headers  # Envoy obeyed
+            out.append((r.endpoint, r.reason))
+        return out
+
+    routed = await route("Refund question", 6)
     assert routed == [(b, "prefix-hit")] * 6, routed
     # b forgets its cache (AllBlocksCleared); a caches the prefix from a direct request.
     cleared_before = await _metric(
@@ -303,14 +309,7 @@ async def test_real_vllm_exact_routing_follows_the_servers_cache(
     await eventually(
         lambda: _gt(blocks_of(a), before_a), timeout=30, what="a's events in the service"
     )
-    after = []
-    for i in range(4):
-        r = await gateway_post(
-            http, kv_gw.url, conversation(billing, f"After the reset {i}?"), headers=strategy
-        )
-        assert r.status == 200, r.body
-        after.append((r.endpoint, r.reason))
-        assert r.headers.get("x-served-endpoint") == r.endpoint, r.headers
+    after = await route("After the reset", 4)
     assert after == [(a, "prefix-hit")] * 4, after
     figures["kv_events_routing"] = {
         "to_b_before_reset": len(routed),

@@ -169,9 +169,12 @@ def service_counters(admin_port: int) -> dict[str, Any]:
     status, text = http_get(f"http://127.0.0.1:{admin_port}/metrics", timeout=10.0)
     scrapes: dict[str, float] = {}
     lag = [0.0, 0.0]
+    scrape_cpu = 0.0
     if status == 200:
         for line in text.splitlines():
-            if line.startswith("extproc_scrapes_total{"):
+            if line.startswith("extproc_scrape_cpu_seconds_total"):
+                scrape_cpu += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("extproc_scrapes_total{"):
                 m = _RESULT.search(line)
                 key = m.group(1) if m else "?"
                 scrapes[key] = scrapes.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -179,7 +182,7 @@ def service_counters(admin_port: int) -> dict[str, Any]:
                 lag[0] += float(line.rsplit(" ", 1)[1])
             elif line.startswith("extproc_event_loop_lag_seconds_count"):
                 lag[1] += float(line.rsplit(" ", 1)[1])
-    return {"scrapes": scrapes, "lag_sum": lag[0], "lag_count": lag[1]}
+    return {"scrapes": scrapes, "lag_sum": lag[0], "lag_count": lag[1], "scrape_cpu": scrape_cpu}
 
 
 def backend_ages(admin_port: int) -> tuple[list[float], int]:
@@ -478,6 +481,10 @@ def window_stats(rig: ScaleRig, p0: Probe, p1: Probe, foreign: float) -> dict[st
         "duration_s": round(dur, 2),
         "service_cores": round(service_cores, 3),
         "service_cores_per_process": [round(c, 3) for c in per_proc],
+        # the scraper's own estimate of its CPU (extproc_scrape_cpu_seconds_total)
+        "scrape_cores": round(
+            (p1.counters.get("scrape_cpu", 0.0) - p0.counters.get("scrape_cpu", 0.0)) / dur, 3
+        ),
         "fake_envoy_cores": round((p1.fake - p0.fake) / dur, 3),
         "front_envoy_cores": round((p1.front - p0.front) / dur, 3),
         "box_busy_cores": round((p1.busy - p0.busy) / dur, 2),
@@ -553,6 +560,12 @@ def load_point(
     unrouted = min(ext["failure_mode_allowed"], started) if listener == "ingress" else 0
     out["unrouted"] = unrouted
     out["decided_rps"] = round(res.rps * (1 - unrouted / started), 1) if started else out["rps"]
+    if listener == "ingress" and out["decided_rps"]:
+        # What one routed request costs the service, scraping excluded: what a decision core
+        # can route whatever the scraping takes (it runs in another process with --workers).
+        out["decision_cpu_us"] = round(
+            max(0.0, out["service_cores"] - out["scrape_cores"]) / out["decided_rps"] * 1e6, 1
+        )
     if age_every:
         out.update(sampler.summary())
     return out
@@ -804,6 +817,9 @@ def pool_targets(a: dict[str, Any]) -> dict[str, Any]:
     out["throughput_met"] = bool(
         out["throughput_keep"] and out["throughput_keep"] >= TARGET_RPS_KEEP
     )
+    cb, cs = median(big["routed"], "decision_cpu_us"), median(small["routed"], "decision_cpu_us")
+    out["decision_cpu_us"] = (cs, cb)
+    out["decision_keep"] = round(cs / cb, 3) if cb and cs else None
     return out
 
 
@@ -867,6 +883,12 @@ def build_markdown(data: dict[str, Any]) -> str:
             f"| ext_proc throughput at 1,000 backends ≥ {TARGET_RPS_KEEP:g}x the 16-backend case (routed/direct, same run) | "
             f"{fmt_n(t['throughput_keep'], '.2f')}x at {n} vs {t['baseline_backends']} (raw req/s: {fmt_n(t['throughput_keep_raw'], '.2f')}x) | {met(t['throughput_met'])} |",
         ]
+        if t.get("decision_keep"):
+            cs, cb = t["decision_cpu_us"]
+            lines.append(
+                f"| (diagnostic) what one decision core routes at 1,000 backends vs 16: service CPU per routed request, scraping excluded | "
+                f"{fmt_n(t['decision_keep'], '.2f')}x ({cb:.0f} vs {cs:.0f} µs) | {met(t['decision_keep'] >= TARGET_RPS_KEEP)} |"
+            )
     else:
         lines.append("| pool-size targets | part (a) not measured | – |")
     if b and b.get("targets"):
@@ -920,8 +942,8 @@ def build_markdown(data: dict[str, Any]) -> str:
             "right before each routed run). *Routed req/s* counts only requests the service answered in time; "
             "*unrouted* are those Envoy sent on without its answer (`message_timeout`, fail-open), all runs:",
             "",
-            "| backends | direct req/s | routed req/s | routed/direct | vs smallest pool | unrouted | routed p50 ms | routed p99 ms | decision µs | service CPU (cores) | scrapes/s ok | age p90 | loop lag mean | other load (cores) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| backends | direct req/s | routed req/s | routed/direct | vs smallest pool | unrouted | routed p50 ms | routed p99 ms | decision µs | service CPU (cores) | of which scraping | CPU µs per routed request, scraping excluded | scrapes/s ok | age p90 | loop lag mean | other load (cores) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         base = a["points"][0]["ratio_routed_direct"] if a["points"] else None
         for p in a["points"]:
@@ -932,6 +954,7 @@ def build_markdown(data: dict[str, Any]) -> str:
                 f"{fmt_n(p['ratio_routed_direct'], '.2f')}x | {fmt_n(rel, '.2f')}x | "
                 f"{sum(r['unrouted'] for r in rs):,} | {fmt_ms(median(rs, 'p50_ms'))} | {fmt_ms(median(rs, 'p99_ms'))} | "
                 f"{fmt_n(median(rs, 'decision_us'), '.0f')} | {fmt_n(median(rs, 'service_cores'), '.2f')} | "
+                f"{fmt_n(median(rs, 'scrape_cores'), '.2f')} | {fmt_n(median(rs, 'decision_cpu_us'), '.0f')} | "
                 f"{fmt_n(median(rs, 'scrapes_ok_per_s'))} | {fmt_s(median(rs, 'age_p90_s'))} | "
                 f"{fmt_n(median(rs, 'loop_lag_mean_ms'), '.1f')} ms | "
                 f"{other_load(rs)} |"

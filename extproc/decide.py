@@ -92,8 +92,12 @@ def rank_fallbacks(
     """Up to ``n`` candidates other than ``chosen``, least loaded first (ties at random)."""
     if n <= 0 or len(candidates) < 2:
         return ()
-    if len(candidates) > FALLBACK_SAMPLE + 1:
-        sample = rng.sample(candidates, FALLBACK_SAMPLE + 1)  # O(sample), not O(pool)
+    size = len(candidates)
+    if size > FALLBACK_SAMPLE + 1:
+        # Evenly spread over the pool from a random start: cheaper than rng.sample, and not
+        # neighbours (adjacent addresses often share a node, and fail together).
+        start, k = rng.randrange(size), FALLBACK_SAMPLE + 1
+        sample = [candidates[(start + j * size // k) % size] for j in range(k)]
         others = [b for b in sample if b.index != chosen.index][:FALLBACK_SAMPLE]
     else:
         others = [b for b in candidates if b.index != chosen.index]

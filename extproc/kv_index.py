@@ -15,6 +15,9 @@ Per server (:class:`ServerBlocks`):
 * ``by_vllm``: vLLM hash key -> own hash, so that ``parent_block_hash`` chains a new event onto
   blocks stored earlier and ``BlockRemoved`` (which names vLLM hashes only) finds its block.
 
+:class:`KvIndex` keeps ``firsts``: each chain's first block -> the servers holding it. A server
+matches no block of a prompt without its first one, so a decision asks only those servers.
+
 A ``BlockStored`` whose parent is unknown (stored before we subscribed, or lost in a gap) cannot
 be placed in a chain and is skipped (``orphan``). Only the GPU tier (``medium`` GPU or unset) of
 KV cache group 0 is indexed: an offloaded block is not a prefix-cache hit for the scheduler, and
@@ -40,6 +43,7 @@ import xxhash
 
 from extproc.kv_events import AllBlocksCleared, Batch, BlockRemoved, BlockStored, hash_key
 
+_NOBODY: frozenset[str] = frozenset()
 _BASE_ROOT = xxhash.xxh3_64_intdigest(b"extproc-kv-root")
 
 
@@ -108,6 +112,11 @@ class ServerBlocks:
     # time.monotonic() of the last eviction the events reported (or the index was dropped): the
     # gateway's own picks from before it no longer say anything about this server's cache.
     evicted_at: float = float("-inf")
+    endpoint: str = ""
+    # The KvIndex's map of first blocks -> servers holding them (None: a server on its own).
+    firsts: dict[int, set[str]] | None = None
+    own_firsts: set[int] = field(default_factory=set)  # the first blocks this server holds
+    sizes: set[int] | None = None  # the KvIndex's block sizes seen (grows only)
 
     @property
     def has_events(self) -> bool:
@@ -120,7 +129,22 @@ class ServerBlocks:
     def clear(self) -> None:
         self.blocks.clear()
         self.by_vllm.clear()
+        for own in list(self.own_firsts):
+            self._forget_first(own)
         self.evicted_at = time.monotonic()
+
+    def _add_first(self, own: int) -> None:
+        self.own_firsts.add(own)
+        if self.firsts is not None:
+            self.firsts.setdefault(own, set()).add(self.endpoint)
+
+    def _forget_first(self, own: int) -> None:
+        self.own_firsts.discard(own)
+        holders = self.firsts.get(own) if self.firsts is not None else None
+        if holders is not None:
+            holders.discard(self.endpoint)
+            if not holders:
+                del self.firsts[own]  # type: ignore[union-attr]
 
     def on_batch(self, batch: Batch) -> Applied:
         applied = Applied()
@@ -153,6 +177,7 @@ class ServerBlocks:
         if bs <= 0 or len(ev.token_ids) != n * bs:
             applied.malformed += 1
             return
+        first = ev.parent_block_hash is None
         if ev.parent_block_hash is None:
             parent = root_hash(ev.lora_name)
         else:
@@ -166,7 +191,10 @@ class ServerBlocks:
         except (OverflowError, TypeError):
             applied.malformed += 1
             return
-        self.block_size = bs
+        if bs != self.block_size:
+            self.block_size = bs
+            if self.sizes is not None:
+                self.sizes.add(bs)
         step = bs * 4
         extra = ev.extra_keys
         blocks, by_vllm = self.blocks, self.by_vllm
@@ -179,12 +207,16 @@ class ServerBlocks:
                 blocks.move_to_end(own)
             blocks[own] = vk
             by_vllm[vk] = own
+            if first and i == 0:
+                self._add_first(own)
             parent = own
         excess = len(blocks) - self.max_blocks
         for _ in range(max(0, excess)):
             own, vk = blocks.popitem(last=False)
             if by_vllm.get(vk) == own:
                 del by_vllm[vk]
+            if own in self.own_firsts:
+                self._forget_first(own)
             self.lru_evictions += 1
 
     def _removed(self, ev: BlockRemoved) -> None:
@@ -193,6 +225,8 @@ class ServerBlocks:
             own = by_vllm.pop(hash_key(vh), None)
             if own is not None:
                 blocks.pop(own, None)
+                if own in self.own_firsts:
+                    self._forget_first(own)
                 self.evicted_at = time.monotonic()
 
     def matched_blocks(self, hashes: tuple[int, ...]) -> int:
@@ -237,15 +271,25 @@ class KvIndex:
     def __init__(self, *, max_blocks: int = 100_000) -> None:
         self.max_blocks = max_blocks
         self.servers: dict[str, ServerBlocks] = {}
+        self.firsts: dict[int, set[str]] = {}  # a chain's first block -> servers holding it
+        self.sizes: set[int] = set()  # block sizes servers published (grows only: a superset)
 
     def add(self, endpoint: str) -> ServerBlocks:
         server = self.servers.get(endpoint)
         if server is None:
-            server = self.servers[endpoint] = ServerBlocks(self.max_blocks)
+            server = self.servers[endpoint] = ServerBlocks(
+                self.max_blocks, endpoint=endpoint, firsts=self.firsts, sizes=self.sizes
+            )
         return server
 
     def remove(self, endpoint: str) -> None:
-        self.servers.pop(endpoint, None)
+        server = self.servers.pop(endpoint, None)
+        if server is not None:
+            server.clear()
+
+    def holders(self, first_block: int) -> set[str] | frozenset[str]:
+        """The servers holding the chain that starts with ``first_block`` (do not modify)."""
+        return self.firsts.get(first_block, _NOBODY)
 
     def get(self, endpoint: str) -> ServerBlocks | None:
         """The server's state if it has published events (else: use the approximate index)."""

@@ -16,13 +16,17 @@ is then
   the gateway's own record of what it routed (extproc/prefix_index.py).
 
 Which one decided is counted for the server picked (``extproc_prefix_source_total``).
+
+:meth:`PromptPrefix.matches` values only the servers that hold the prompt's first block (both
+indexes keep who holds each chain's first block): a decision at 1,000 backends asks the few
+holders, not every server.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from extproc.kv_index import KvIndex, ServerBlocks, chain_hashes, root_hash
 from extproc.kv_metrics import KvMetrics
@@ -93,6 +97,7 @@ class PromptPrefix:
 
     __slots__ = (
         "_adapters",
+        "_matches",
         "_recent_since",
         "approx_hashes",
         "has_prompt",
@@ -114,6 +119,7 @@ class PromptPrefix:
         self.approx_hashes = approx_hashes
         self.tokens = tokens
         self._adapters: frozenset[str] | None = None
+        self._matches: dict[str, float] | None = None
         self.has_prompt = bool(approx_hashes) or bool(tokens is not None and len(tokens.tokens))
         approx = source.approx
         if tokens is None:  # today's path, as cheap as before
@@ -138,15 +144,51 @@ class PromptPrefix:
         )
         return max(exact, recent)
 
-    def exact_hashes(self, endpoint: str, server: ServerBlocks) -> tuple[int, ...]:
-        assert self.tokens is not None
+    def matches(self) -> dict[str, float]:
+        """Every server whose :meth:`match` is above 0, with its match (computed once)."""
+        found = self._matches
+        if found is None:
+            found = self._matches = {}
+            for endpoint in self._holders():
+                m = self.match(endpoint)
+                if m > 0.0:
+                    found[endpoint] = m
+        return found
+
+    def _holders(self) -> Iterable[str]:
+        """A superset of the servers with a match: those holding the prompt's first block, in
+        the approximate index or (for every block size and chain root in use) the exact one."""
+        source = self.source
+        approx = source.approx.holders(self.approx_hashes)
+        kv = source.kv
+        if self.tokens is None or kv is None or not kv.sizes:
+            return approx
+        who = set(approx)
+        roots = [root_hash(None)]
+        if self._adapter_endpoints():
+            roots.append(root_hash(self.model))
+        for size in kv.sizes:
+            for root in roots:
+                hashes = self._chain(size, root)
+                if hashes:
+                    who |= kv.holders(hashes[0])
+        return who
+
+    def _adapter_endpoints(self) -> frozenset[str]:
         if self._adapters is None:  # once per request, and only on the exact path
             self._adapters = self.source.adapter_endpoints(self.model)
-        lora = self.model if endpoint in self._adapters else None
-        key = (server.block_size, root_hash(lora))
+        return self._adapters
+
+    def exact_hashes(self, endpoint: str, server: ServerBlocks) -> tuple[int, ...]:
+        lora = self.model if endpoint in self._adapter_endpoints() else None
+        return self._chain(server.block_size, root_hash(lora))
+
+    def _chain(self, block_size: int, root: int) -> tuple[int, ...]:
+        assert self.tokens is not None
+        key = (block_size, root)
         cached = self.tokens.hashes.get(key)
         if cached is None:
-            cached = self.tokens.hashes[key] = chain_hashes(self.tokens.tokens, key[0], key[1])
+            cached = self.tokens.hashes[key] = chain_hashes(self.tokens.tokens, block_size, root)
         return cached
 
     def source_for(self, endpoint: str) -> str:

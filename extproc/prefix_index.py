@@ -10,6 +10,11 @@ Each backend has an LRU of block hashes, sized from its ``vllm:cache_config_info
 (num_gpu_blocks × block_size tokens) when known, else ``default_capacity``. The index is
 updated on every pick (the chosen backend will compute and cache those blocks) and a backend
 that leaves the pool is purged. Memory is bounded: per-backend capacity is capped.
+
+A pick touches its blocks last to first, so a prompt's first block is always the most recent of
+its chain and is evicted last (as vLLM frees a sequence's tail first): a backend holds part of a
+prompt only if it holds the first block. ``holders`` maps each first block to the backends
+holding it, so a decision asks only those few (:meth:`holders`), not every backend of the pool.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import xxhash
 
 CHARS_PER_TOKEN = 4
 MAX_BLOCKS_PER_PROMPT = 512  # longer prompts: the first 32K characters decide
+_NOBODY: frozenset[str] = frozenset()
 
 
 def block_hashes(model: str, text: str, block_chars: int = 64) -> tuple[int, ...]:
@@ -52,6 +58,7 @@ class PrefixIndex:
         # block hash -> time.monotonic() of the last pick that sent it, oldest first
         self._lru: dict[str, OrderedDict[int, float]] = {}
         self._capacity: dict[str, int] = {}
+        self._holders: dict[int, set[str]] = {}  # a prompt's first block -> who holds it
 
     def set_capacity_from_cache_config(
         self, endpoint: str, num_gpu_blocks: int | None, block_size: int | None
@@ -99,17 +106,36 @@ class PrefixIndex:
         if lru is None:
             lru = self._lru[endpoint] = OrderedDict()
         t = time.monotonic() if now is None else now
-        for h in hashes:
+        for h in reversed(hashes):  # the first block last: the most recent, evicted last
             if h in lru:
                 lru.move_to_end(h)
             lru[h] = t
+        holders = self._holders.get(hashes[0])
+        if holders is None:
+            self._holders[hashes[0]] = {endpoint}
+        else:
+            holders.add(endpoint)
         excess = len(lru) - self.capacity(endpoint)
         for _ in range(max(0, excess)):
-            lru.popitem(last=False)
+            self._forget(endpoint, lru.popitem(last=False)[0])
+
+    def _forget(self, endpoint: str, block: int) -> None:
+        holders = self._holders.get(block)
+        if holders is not None:  # a first block
+            holders.discard(endpoint)
+            if not holders:
+                del self._holders[block]
+
+    def holders(self, hashes: tuple[int, ...]) -> set[str] | frozenset[str]:
+        """The backends holding at least the first block of ``hashes`` (do not modify)."""
+        return self._holders.get(hashes[0], _NOBODY) if hashes else _NOBODY
 
     def purge(self, endpoints: Iterable[str]) -> None:
         for ep in endpoints:
-            self._lru.pop(ep, None)
+            lru = self._lru.pop(ep, None)
+            if lru:
+                for block in self._holders.keys() & lru.keys():  # C-speed, over the smaller
+                    self._forget(ep, block)
             self._capacity.pop(ep, None)
 
     def size(self, endpoint: str) -> int:

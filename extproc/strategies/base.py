@@ -68,6 +68,9 @@ class RequestFacts:
     # Fraction (0..1) of this request's prompt blocks the backend probably has cached.
     # Read-only view of the prefix index; the processor records the pick afterwards.
     prefix_match: Callable[[str], float] = _no_prefix
+    # Every backend whose prefix_match is above 0, with it (None: ask prefix_match per
+    # candidate). The prefix indexes know the few holders of a prompt: O(holders), not O(pool).
+    prefix_matches: Callable[[], Mapping[str, float]] | None = None
     prompt_hashes: tuple[int, ...] = ()  # chained block hashes of the prompt (prefix index keys)
     # The gateway's subset hint (endpoint-picker protocol): pick only among backends at these
     # IPs. None = no hint (the whole pool).
@@ -114,6 +117,14 @@ def scraped_load(candidates: Sequence[BackendView]) -> list[float]:
     return [float(b.running + b.waiting) for b in candidates]  # floats: int * float is slower
 
 
+def _by_load(candidates: Sequence[BackendView]) -> list[int]:
+    """Positions sorted by scraped load (none with a NaN among them: no order to trust)."""
+    loads = scraped_load(candidates)
+    if any(x != x for x in loads):
+        return []
+    return sorted(range(len(loads)), key=loads.__getitem__)
+
+
 class Context:
     """One decision: its request, snapshot, model pool and candidates, plus values derived from
     them, each computed at most once per decision (``pending``, ``loads``) or once per snapshot
@@ -121,6 +132,7 @@ class Context:
 
     __slots__ = (
         "_active",
+        "_least",
         "_loads",
         "_pending",
         "candidates",
@@ -148,6 +160,7 @@ class Context:
         self._pending: Sequence[int] | None = None
         self._active: list[int] | None = None
         self._loads: list[float] | None = None
+        self._least: float | None = None
 
     @property
     def pending(self) -> Sequence[int]:
@@ -202,6 +215,25 @@ class Context:
         x = self._loads
         if x is None:
             x = self._loads = self.with_inflight(self.column(scraped_load))
+        return x
+
+    @property
+    def least_load(self) -> float:
+        """``min(loads)`` without a pass over every candidate: requests in flight only add load,
+        so the least is the least scraped load among the candidates with none in flight (from
+        the candidates sorted by scraped load, once per snapshot) or one of those with some."""
+        x = self._least
+        if x is None:
+            loads = self.loads
+            order = self.column(_by_load) if self.candidates is self.pool.eligible else None
+            if not order:  # narrowed for this request, or a NaN load: the plain way
+                x = min(loads)
+            else:
+                active = self.active
+                busy = set(active)
+                first = next((i for i in order if i not in busy), None)
+                x = min(loads[i] for i in (active if first is None else [first, *active]))
+            self._least = x
         return x
 
     def column(self, fn: Callable[[Sequence[BackendView]], Any], key: object = None) -> Any:
@@ -285,7 +317,7 @@ class Scores:
     :func:`lower_is_better`, :func:`higher_is_better` or :func:`one_hot`.
     """
 
-    __slots__ = ("_best", "_offset", "_scale", "higher", "values")
+    __slots__ = ("_best", "_offset", "_scale", "higher", "nonzero", "values")
 
     def __init__(
         self,
@@ -294,8 +326,12 @@ class Scores:
         offset: float = 0.0,
         *,
         higher: bool = True,
+        nonzero: Sequence[int] | None = None,
     ):
         self.values = values
+        # Positions (ascending) of the only non-zero values (>= 0, higher better), when few: a
+        # profile adds just those, a ranking of these scores alone looks only at them.
+        self.nonzero = nonzero
         self.higher = higher if scale is None else scale >= 0  # direction: higher values better?
         self._scale = scale  # None: min-max, computed on first use
         self._offset = offset
@@ -306,7 +342,14 @@ class Scores:
         """The best raw value (the highest, or the lowest when lower is better)."""
         b = self._best
         if b is None:
-            b = self._best = max(self.values) if self.higher else min(self.values)
+            v, nz = self.values, self.nonzero
+            if nz is not None and self.higher:  # the rest are 0: no pass over them
+                b = max(map(v.__getitem__, nz), default=0.0)
+                if len(nz) < len(v):
+                    b = max(b, 0.0)
+            else:
+                b = max(v) if self.higher else min(v)
+            self._best = b
         return b
 
     @property
@@ -345,9 +388,10 @@ class Scores:
         ]
 
 
-def direct(values: Sequence[float]) -> Scores:
-    """Values already in [0, 1], higher is better."""
-    return Scores(values)
+def direct(values: Sequence[float], nonzero: Sequence[int] | None = None) -> Scores:
+    """Values already in [0, 1], higher is better (``nonzero``: the positions of the only values
+    above 0, if known)."""
+    return Scores(values, nonzero=nonzero)
 
 
 def inverted(values: Sequence[float]) -> Scores:
@@ -370,7 +414,7 @@ def one_hot(n: int, i: int) -> Scores:
     """1 for candidate ``i``, 0 for the others."""
     values = [0.0] * n
     values[i] = 1.0
-    return Scores(values)
+    return Scores(values, nonzero=(i,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,19 +446,29 @@ class Ranking:
         self.scores = scores  # one scorer's scores, or the weighted sum of several
         self.factor = factor  # its weight / the profile's total weight
 
-    def select(self, tolerance: float) -> int | list[bool] | None:
+    def select(self, tolerance: float) -> int | tuple[int, ...] | list[bool] | None:
         """The candidates whose combined score is at most ``tolerance`` below the best (0: exact
-        ties): the position of the only one, a mask over the candidates, or None for all."""
+        ties): the position of the only one, their positions (ascending) or a mask over the
+        candidates, or None for all."""
         s = self.scores
         v = s.values
         best = s.best
         if not math.isfinite(best):
             return self._careful(tolerance)
+        step = 0.0
         if tolerance > 0.0:
             scale = abs(s.scale * self.factor)
             if scale == 0.0:
                 return None
             step = tolerance / scale
+        nz = s.nonzero
+        if nz is not None and s.higher:  # values >= 0, all 0 but nz: no pass over the zeros
+            cut = best - step
+            if cut <= 0.0:
+                return None  # the zeros are in: everyone
+            keep = tuple(i for i in nz if v[i] >= cut)
+            return keep[0] if len(keep) == 1 else keep
+        if tolerance > 0.0:
             return list(
                 map(ge, v, repeat(best - step)) if s.higher else map(le, v, repeat(best + step))
             )
@@ -432,6 +486,11 @@ class Ranking:
             sel = self._careful(0.0)
             positions = range(len(v)) if sel is None else list(compress(range(len(v)), sel))
             return rng.choice(positions)
+        nz = s.nonzero
+        if nz is not None and s.higher and best > 0.0:  # the best are among nz (ascending)
+            ties = [i for i in nz if v[i] == best]
+            # as position_of: the k-th of the ties in order, k at random (same draw)
+            return ties[0] if len(ties) == 1 else ties[rng.randrange(len(ties))]
         return position_of(v, best, rng)
 
     def _careful(self, tolerance: float) -> list[bool] | None:
@@ -458,12 +517,16 @@ def position_of(values: Sequence[float], value: float, rng: random.Random) -> in
     return i
 
 
-def selected(candidates: Sequence[T], selection: int | list[bool] | None) -> Sequence[T]:
+def selected(
+    candidates: Sequence[T], selection: int | tuple[int, ...] | list[bool] | None
+) -> Sequence[T]:
     """The candidates (or any list aligned with them) a :meth:`Ranking.select` result keeps."""
     if selection is None:
         return candidates
     if isinstance(selection, int):
         return (candidates[selection],)
+    if isinstance(selection, tuple):
+        return [candidates[i] for i in selection]
     return list(compress(candidates, selection))
 
 

@@ -11,7 +11,7 @@ several service replicas do not herd either). ``random`` and ``round-robin`` ign
 from __future__ import annotations
 
 import math
-from itertools import compress
+from collections.abc import Sequence
 
 from extproc.snapshot import BackendView
 from extproc.strategies.base import Context, Params, Picker, Ranking, Reason, position_of, selected
@@ -28,10 +28,12 @@ def pick_near_best(ctx: Context, ranking: Ranking | None, params: Params) -> Bac
     sel = None if ranking is None else ranking.select(params["tolerance"])
     if isinstance(sel, int):
         return c[sel]
-    loads = ctx.loads
-    if sel is not None:
-        c, loads = list(compress(c, sel)), list(compress(loads, sel))
-    least = min(loads)
+    loads: Sequence[float] = ctx.loads
+    if sel is None:
+        least = ctx.least_load  # every candidate: no pass over them all
+    else:
+        c, loads = selected(c, sel), selected(loads, sel)
+        least = min(loads)
     if math.isnan(least):  # NaN loads (a broken metric): any of them
         return ctx.rng.choice(c)
     return c[position_of(loads, least, ctx.rng)]

@@ -111,7 +111,13 @@ class Profile:
                     return Ranking(s, use.weight * self._factor)
                 total = [0.0] * len(ctx.candidates)
             c = use.weight * s.scale  # the offset is the same for every candidate: dropped
-            if c:
+            if not c:
+                continue
+            if s.nonzero is not None:  # e.g. the few servers holding the prompt's prefix
+                v = s.values
+                for i in s.nonzero:  # total is this decision's own list: updated in place
+                    total[i] += c * v[i]
+            else:
                 total = [t + c * v for t, v in zip(total, s.values)]
         return None if total is None else Ranking(Scores(total), self._factor)
 

@@ -69,3 +69,32 @@ def test_lora_prefers_running_or_free_slot_over_a_full_server():
     assert picks == {0}  # 1 would have to evict ad2; 2 is far busier
     base = {run(reg, "random", RequestFacts(model="base"), s).backend.index for s in range(40)}
     assert base == {0, 1, 2}  # base-model requests are not restricted
+
+
+def test_fallbacks_in_a_large_pool_are_spread_least_loaded_and_never_the_pick():
+    """Above FALLBACK_SAMPLE candidates, fallbacks come from a sample spread over the pool (not
+    neighbours of one another, which often share a node), least loaded of it first."""
+    import random
+
+    from extproc.decide import FALLBACK_SAMPLE, rank_fallbacks
+
+    n = 200
+    reg, _ = registry(n)
+    for i in range(n):
+        scrape_ok(reg, i, vm(running=(i * 7) % 13))
+    snap = reg.snapshot()
+    candidates = snap.everyone.eligible
+    rng = random.Random(1)
+    seen = set()
+    for _ in range(50):
+        chosen = rng.choice(candidates)
+        fallbacks = rank_fallbacks(chosen, candidates, snap, 3, rng)
+        indices = [b.index for b in fallbacks]
+        assert len(set(indices)) == 3 and chosen.index not in indices
+        loads = [b.running for b in fallbacks]
+        assert loads == sorted(loads)
+        # spread: no two fallbacks closer than a sample step apart (minus rounding)
+        gaps = [abs(a - b) for a in indices for b in indices if a != b]
+        assert min(min(g, n - g) for g in gaps) >= n // (FALLBACK_SAMPLE + 1) - 1
+        seen.update(indices)
+    assert len(seen) > 30  # different starts: not always the same few servers

@@ -312,3 +312,59 @@ def test_the_pick_and_its_source_are_logged_at_debug(caplog):
     with caplog.at_level(logging.DEBUG, logger="extproc.kv_prefix"):
         source.lookup(req).picked(A)
     assert f"picked {A}, exact match 1.000" in caplog.text
+
+
+def test_matches_names_exactly_the_servers_with_a_match_through_events_and_evictions():
+    """matches() asks only the holders of a prompt's first block; it must agree with asking every
+    server (match() > 0), whatever the events did: stores of several block sizes and an adapter,
+    removals, clears, gaps, LRU evictions, the gateway's own picks, servers leaving."""
+    import random
+
+    from extproc.kv_events import AllBlocksCleared, BlockRemoved
+
+    rng = random.Random(11)
+    D, E = "10.0.0.4:8000", "10.0.0.5:8000"  # D: a block size of 4; E: no events ever
+    source, kv, _ = make(adapters={"ad": frozenset({A, C})})
+    kv.max_blocks = 40  # servers added from here on evict (LRU)
+    kv.add(D)
+    texts = [f"Question {i % 3}: " + "please explain " * (i % 4) for i in range(8)]
+    requests = [chat(t, model="ad" if i % 5 == 4 else "m") for i, t in enumerate(texts)]
+    seqs = {A: 0, B: 0, C: 0, D: 0}
+    stored: dict[str, list[int]] = {ep: [] for ep in seqs}
+    for step in range(250):
+        ep = rng.choice(list(seqs))
+        server = kv.servers.get(ep) or kv.add(ep)
+        op = rng.random()
+        req = rng.choice(requests)
+        if op < 0.45:
+            tokens = sim_tokens(req)
+            bs = 4 if ep == D else BS
+            n = len(tokens) // bs
+            vh = [step * 1000 + i for i in range(n)]
+            stored[ep] += vh
+            seqs[ep] += 1
+            lora = req.model if req.model == "ad" and ep in (A, C) else None
+            event = BlockStored(vh, None, tokens[: n * bs], bs, lora, "GPU", 0)
+            server.on_batch(Batch(seqs[ep], 0.0, [event]))
+        elif op < 0.6 and stored[ep]:
+            seqs[ep] += 1
+            gone = rng.sample(stored[ep], min(3, len(stored[ep])))
+            server.on_batch(Batch(seqs[ep], 0.0, [BlockRemoved(gone, "GPU", 0)]))
+        elif op < 0.65:
+            seqs[ep] += 1
+            server.on_batch(Batch(seqs[ep], 0.0, [AllBlocksCleared()]))
+        elif op < 0.7:
+            seqs[ep] += 5  # a gap: the index is dropped, then rebuilt from the next events
+        elif op < 0.73:
+            kv.remove(ep)  # left the pool; comes back on a later step
+        else:
+            approx = source.approx
+            approx.record(rng.choice([ep, E]), approx.hashes(req.model, req.prompt))
+        for r in requests:
+            prefix = source.lookup(r)
+            every = {e: m for e in (A, B, C, D, E) if (m := prefix.match(e)) > 0.0}
+            assert prefix.matches() == every, (step, r.prompt)
+        # and the map of first blocks neither leaks nor misses (memory stays bounded)
+        held = {(h, e) for e, s in kv.servers.items() for h in s.own_firsts}
+        assert held == {(h, e) for h, es in kv.firsts.items() for e in es}
+        assert all(h in kv.servers[e].blocks for h, e in held), step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from extproc.prefix_index import PrefixIndex
 
 
@@ -29,8 +31,29 @@ def test_capacity_is_an_lru_per_backend_and_purge_forgets():
     index = PrefixIndex(block_chars=4, default_capacity=2)
     h = index.hashes("m", "abcdefghijkl")
     index.record("A", h)
-    assert index.size("A") == 2 and index.matched_blocks("A", h[:1]) == 0  # oldest evicted
+    # The tail goes first (as in vLLM): A still holds the prompt's first two blocks.
+    assert index.size("A") == 2 and index.matched_blocks("A", h) == 2
+    assert index.holders(h) == {"A"}
     index.set_capacity_from_cache_config("A", num_gpu_blocks=100, block_size=16)
     assert index.capacity("A") == 100 * 16 * 4 // 4
     index.purge(["A"])
     assert index.size("A") == 0 and index.capacity("A") == 2
+    assert index.holders(h) == set() and index.holders(()) == set()
+
+
+def test_holders_are_exactly_the_backends_that_match_part_of_a_prompt():
+    """holders() stands in for asking every backend: it must name every backend whose match
+    is above 0 and no other, through records, evictions and purges."""
+    rng = random.Random(5)
+    index = PrefixIndex(block_chars=4, default_capacity=12)
+    texts = ["".join(rng.choice("ab") for _ in range(4 * rng.randint(1, 5))) for _ in range(40)]
+    prompts = [index.hashes("m", t) for t in texts]
+    backends = [f"b{i}" for i in range(5)]
+    for step in range(600):
+        if step % 97 == 96:
+            index.purge([rng.choice(backends)])
+        else:
+            index.record(rng.choice(backends), rng.choice(prompts))
+        for h in prompts:
+            matching = {b for b in backends if index.matched_blocks(b, h) > 0}
+            assert index.holders(h) == matching, (step, h)

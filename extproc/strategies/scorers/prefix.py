@@ -25,24 +25,47 @@ def _endpoints(candidates: Sequence[BackendView]) -> list[str]:
     return [b.endpoint for b in candidates]
 
 
-def score(ctx: Context, params: Params) -> Scores | None:
+def _positions(candidates: Sequence[BackendView]) -> dict[str, int]:
+    return {b.endpoint: j for j, b in enumerate(candidates)}
+
+
+def _matches(ctx: Context) -> tuple[list[float], list[int]]:
+    """The match per candidate, and the positions of those above 0."""
     facts = ctx.facts
-    if not facts.has_prompt:
+    if facts.prefix_matches is None:  # ask every candidate
+        m = list(map(facts.prefix_match, ctx.column(_endpoints)))
+        return m, list(compress(range(len(m)), m))
+    found = facts.prefix_matches()  # only the holders: O(holders), not O(pool)
+    m = [0.0] * len(ctx.candidates)
+    held = []
+    if found:
+        positions = ctx.column(_positions)
+        for endpoint, match in found.items():
+            j = positions.get(endpoint)
+            if j is not None:  # a holder that is a candidate
+                m[j] = match
+                held.append(j)
+        held.sort()
+    return m, held
+
+
+def score(ctx: Context, params: Params) -> Scores | None:
+    if not ctx.facts.has_prompt:
         return None
-    m = list(map(facts.prefix_match, ctx.column(_endpoints)))
-    best = ctx.memo["prefix"] = max(m)
+    m, held = _matches(ctx)
+    best = ctx.memo["prefix"] = max(map(m.__getitem__, held), default=0.0)
     if best <= 0.0:
         return None
     if params["guard_abs"] < math.inf:
         loads = ctx.loads
-        lo = min(loads)
+        lo = ctx.least_load
         limit = max(
             lo + params["guard_abs"], params["guard_rel"] * lo
         )  # guarded: a load above both
-        for i in compress(range(len(m)), m):  # only the servers holding part of the prompt
+        for i in held:  # only the servers holding part of the prompt
             if loads[i] > limit:
                 m[i] = 0.0
-    return direct(m)
+    return direct(m, held if len(held) <= len(m) >> 2 else None)
 
 
 def explain(ctx: Context, params: Params, chosen: BackendView) -> Reason:

@@ -7,6 +7,10 @@ the model's pool), and then only that server's sessions move, spread over the re
 opinion.
 
 Reasons, for a profile with ``reason: session``: ``session`` (a key), ``no-session`` (none).
+
+Hashing every candidate costs ~0.1 µs each (0.1 ms at 1,000 backends), so a key's home is
+memoised per candidate list (the same list from one snapshot to the next while the pool does
+not change): a pure function's results, bounded, dropped whole when full.
 """
 
 from collections.abc import Sequence
@@ -16,9 +20,14 @@ import xxhash
 from extproc.snapshot import BackendView
 from extproc.strategies.base import Context, Params, Reason, Scorer, Scores, one_hot
 
+MEMO_LIMIT = 65_536  # keys remembered (about 10 MB at most)
+_memo: dict[tuple[int, str], int] = {}
 
-def _encoded(candidates: Sequence[BackendView]) -> list[bytes]:
-    return [b.endpoint.encode() for b in candidates]
+
+def _encoded(candidates: Sequence[BackendView]) -> tuple[int, list[bytes]]:
+    """The candidates' endpoints, encoded, and a fingerprint of that list."""
+    endpoints = [b.endpoint.encode() for b in candidates]
+    return hash(tuple(endpoints)), endpoints
 
 
 def home(key: str, endpoints: Sequence[bytes]) -> int:
@@ -33,7 +42,13 @@ def score(ctx: Context, params: Params) -> Scores | None:
     key = ctx.facts.session_key
     if not key:
         return None
-    return one_hot(len(ctx.candidates), home(key, ctx.column(_encoded)))
+    fingerprint, endpoints = ctx.column(_encoded)
+    at = _memo.get((fingerprint, key))
+    if at is None or at >= len(endpoints):  # (a hash collision of two lists: still in range)
+        if len(_memo) >= MEMO_LIMIT:
+            _memo.clear()
+        at = _memo[fingerprint, key] = home(key, endpoints)
+    return one_hot(len(ctx.candidates), at)
 
 
 def explain(ctx: Context, params: Params, chosen: BackendView) -> Reason:

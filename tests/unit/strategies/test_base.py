@@ -154,3 +154,44 @@ def test_a_scorer_is_a_signal_or_a_request_scorer_not_both():
         Scorer("x", "doc")
     with pytest.raises(ValueError, match="exactly one"):
         Scorer("x", "doc", signal=lambda c: Signal([], 1.0), score=lambda ctx, p: None)
+
+
+def test_least_load_is_min_of_loads_without_a_pass_over_every_candidate():
+    """least_load (per-snapshot order of scraped loads + the candidates with requests in
+    flight) must equal min(loads) exactly: for the pool, a narrowed candidate list, a NaN."""
+    rng = random.Random(4)
+    for trial in range(200):
+        n = rng.choice([1, 2, 5, 30])
+        reg, _ = loaded([float(rng.randint(0, 6)) for _ in range(n)])
+        if trial % 10 == 0:
+            scrape_ok(reg, rng.randrange(n), vm(running=math.nan))
+        for _ in range(rng.randint(0, 3 * n)):
+            reg.on_pick(rng.randrange(n))
+        ctx = ctx_of(reg)
+        if trial % 4 == 0:  # narrowed for this request: not the pool's own list
+            ctx = ctx_of(reg, candidates=ctx.candidates[: max(1, n // 2)])
+        loads = ctx.loads
+        least = ctx.least_load
+        if any(math.isnan(x) for x in loads):
+            assert least is min(loads) or (math.isnan(least) and math.isnan(min(loads)))
+        else:
+            assert least == min(loads) and least in loads, trial
+
+
+def test_sparse_scores_rank_as_their_dense_copy():
+    """Scores that name their non-zero positions (prefix holders, a session's home) are ranked
+    from those alone; select and best_one must answer as for the same values without them."""
+    rng = random.Random(8)
+    for _ in range(300):
+        n = rng.randint(1, 12)
+        values = [0.0] * n
+        for i in rng.sample(range(n), rng.randint(0, n)):
+            values[i] = rng.choice([0.0, 0.25, 0.5, 1.0])
+        nz = tuple(i for i, x in enumerate(values) if x)
+        factor = rng.choice([1.0, 0.3])
+        sparse, dense = Ranking(Scores(values, nonzero=nz), factor), Ranking(Scores(values), factor)
+        for tolerance in (0.0, 0.05, 0.2):
+            kept = [list(selected(range(n), r.select(tolerance))) for r in (sparse, dense)]
+            assert kept[0] == kept[1], (values, tolerance)
+        seed = rng.random()
+        assert sparse.best_one(random.Random(seed)) == dense.best_one(random.Random(seed))

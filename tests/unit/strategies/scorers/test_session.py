@@ -41,3 +41,28 @@ def test_session_avoids_unhealthy_server():
     assert moved != home
     scrape_ok(reg, home, vm())
     assert run(reg, "session", RequestFacts(session_key=key)).backend.index == home
+
+
+def test_the_memo_of_homes_answers_as_hashing_and_stays_bounded(monkeypatch):
+    from extproc.strategies.scorers import session
+
+    monkeypatch.setattr(session, "MEMO_LIMIT", 50)
+    monkeypatch.setattr(session, "_memo", {})
+    reg, _ = registry(6)
+    for i in range(6):
+        scrape_ok(reg, i, vm())
+    endpoints = [r.endpoint.encode() for r in reg.records]
+    for round_ in range(3):  # the second and third rounds come from the memo (new snapshots)
+        for i in range(120):
+            key = f"user-{i}"
+            got = run(reg, "session", RequestFacts(session_key=key)).backend.index
+            assert got == session.home(key, endpoints), (round_, key)
+            assert len(session._memo) <= 50
+        scrape_ok(reg, 0, vm(running=round_ + 1))  # a new snapshot, the same candidates
+    # a narrowed list (one server unhealthy) is another list: its own homes
+    for _ in range(3):
+        reg.record_failure(reg.records[1], "refused", timeout=False)
+    rest = [e for j, e in enumerate(endpoints) if j != 1]
+    for i in range(20):
+        got = run(reg, "session", RequestFacts(session_key=f"user-{i}")).backend.endpoint
+        assert got.encode() == rest[session.home(f"user-{i}", rest)]

@@ -117,6 +117,10 @@ def scraped_load(candidates: Sequence[BackendView]) -> list[float]:
     return [float(b.running + b.waiting) for b in candidates]  # floats: int * float is slower
 
 
+# Below this many candidates one C-speed pass is cheaper than the bookkeeping that avoids it.
+_SCAN_BELOW = 64
+
+
 def _by_load(candidates: Sequence[BackendView]) -> list[int]:
     """Positions sorted by scraped load (none with a NaN among them: no order to trust)."""
     loads = scraped_load(candidates)
@@ -225,8 +229,10 @@ class Context:
         x = self._least
         if x is None:
             loads = self.loads
-            order = self.column(_by_load) if self.candidates is self.pool.eligible else None
-            if not order:  # narrowed for this request, or a NaN load: the plain way
+            order = None
+            if len(loads) > _SCAN_BELOW and self.candidates is self.pool.eligible:
+                order = self.column(_by_load)
+            if not order:  # few, narrowed for this request, or a NaN load: the plain way
                 x = min(loads)
             else:
                 active = self.active

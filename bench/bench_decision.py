@@ -116,9 +116,9 @@ def facts_for(kind: str, RequestFacts: Any) -> Any:
     if kind == "prompt":  # 10.0.8.1 and 10.0.80-89.1 hold half of the prompt (a fixed lookup)
         match = lambda ep: 0.5 if ep.startswith("10.0.8") else 0.0  # noqa: E731
         extra = {}
-        if "prefix_matches" in RequestFacts.__dataclass_fields__:  # the index names its holders
-            holders = {f"10.0.{i}.1:8000": 0.5 for i in (8, *range(80, 90))}
-            extra["prefix_matches"] = lambda: holders
+        if "prefix_holders" in RequestFacts.__dataclass_fields__:  # the index names them
+            holders = {f"10.0.{i}.1:8000" for i in (8, *range(80, 90))}
+            extra["prefix_holders"] = lambda: holders
         return RequestFacts(seq=1, has_prompt=True, prefix_match=match, **extra)
     if kind == "key":
         return RequestFacts(seq=1, session_key="user-1234")

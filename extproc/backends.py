@@ -130,6 +130,7 @@ class BackendRegistry:
         self._pending: list[int] = []
         self._active: set[int] = set()  # slots whose pending count is not 0
         self._base = Snapshot()
+        self._views: ViewCache = {}  # rebuilds reuse the views of backends that did not change
         self._rebuild_scheduled = False
 
     # -- membership ---------------------------------------------------------------
@@ -321,7 +322,9 @@ class BackendRegistry:
 
     def rebuild(self) -> Snapshot:
         now = self._clock()
-        self._base = build_snapshot(self._ordered, now, self.stale_after, self.max_metrics_age)
+        self._base = build_snapshot(
+            self._ordered, now, self.stale_after, self.max_metrics_age, self._views
+        )
         return self._base
 
 
@@ -341,24 +344,23 @@ def _freshness(
 _LOAD_FIELDS = ("running", "waiting", "kv_cache_usage", "token_rate", "ttft")
 
 
-def _measured(record: BackendRecord) -> dict[str, float | None]:
+def _measured(record: BackendRecord) -> tuple[float | None, ...]:
+    """The load fields' measured values, in _LOAD_FIELDS order (None: not measured)."""
     m = record.metrics
     assert m is not None
-    return {
-        "running": m.running,
-        "waiting": m.waiting,
-        "kv_cache_usage": m.kv_cache_usage,
-        "token_rate": record.token_rate,
-        "ttft": record.ttft,
-    }
+    return (m.running, m.waiting, m.kv_cache_usage, record.token_rate, record.ttft)
 
 
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
+# id(record) -> (record, what its view was built from, the view)
+ViewCache = dict[int, tuple["BackendRecord", tuple[object, ...], BackendView]]
 
 
 def build_snapshot(
-    records: list[BackendRecord], now: float, stale_after: float, max_age: float
+    records: list[BackendRecord],
+    now: float,
+    stale_after: float,
+    max_age: float,
+    reuse: ViewCache | None = None,
 ) -> Snapshot:
     """Pure: records + clock -> snapshot, with priors for what is not known.
 
@@ -367,6 +369,11 @@ def build_snapshot(
     out) is valued at no less than the busiest backend that still answers: slow /metrics means
     busy, never idle. When none answers, suspects keep their own last numbers, so the ranking
     among them survives (an unknown suspect then gets the maximum of what is known).
+
+    ``reuse`` (updated in place) memoises views: a backend whose values, state, position and
+    priors did not change since the last build keeps its view (its ``age`` is then the one of
+    that build; its freshness is exact). At 1,000 backends a build per scrape interval then
+    creates views only for the backends scraped since.
     """
     states = [_freshness(r, now, stale_after, max_age) for r in records]
     values = [
@@ -375,48 +382,80 @@ def build_snapshot(
     fresh = [v for v, st in zip(values, states) if v is not None and st[0] is Freshness.FRESH]
     basis = fresh or [v for v in values if v is not None]
     answering = [v for v, r in zip(values, records) if v is not None and not r.suspect]
-    median: dict[str, float] = {}
-    worst: dict[str, float] = {}
-    worst_answering: dict[str, float] = {}
-    for f in _LOAD_FIELDS:
+    median: list[float] = []
+    worst: list[float] = []
+    worst_answering: list[float] = []
+    for f in range(len(_LOAD_FIELDS)):
         xs = [x for v in basis if (x := v[f]) is not None]
-        median[f] = float(statistics.median(xs)) if xs else 0.0
+        median.append(float(statistics.median(xs)) if xs else 0.0)
         # For rate, "worst" is the highest load too: a busy server moves many tokens.
-        worst[f] = float(max(xs)) if xs else 0.0
+        worst.append(float(max(xs)) if xs else 0.0)
         ys = [y for v in answering if (y := v[f]) is not None]
-        worst_answering[f] = float(max(ys)) if ys else 0.0
+        worst_answering.append(float(max(ys)) if ys else 0.0)
+    fills = (tuple(median), tuple(worst), tuple(worst_answering))
     views: list[BackendView] = []
+    cache: ViewCache = {}
     for i, (r, (fresh_state, age), measured) in enumerate(zip(records, states, values)):
         suspect = r.suspect
+        key: tuple[object, ...] = ()
+        if reuse is not None:
+            # What the view is built from (the priors only where they are used).
+            uses = measured is None or suspect or None in measured
+            key = (
+                i,
+                measured,
+                r.metrics,
+                fresh_state,
+                r.healthy,
+                r.overloaded,
+                suspect,
+                r.served_models,
+                r.adapters,
+                fills if uses else None,
+            )
+            old = reuse.get(id(r))
+            if old is not None and old[0] is r and old[1] == key:
+                views.append(old[2])
+                cache[id(r)] = old
+                continue
         prior_src = worst if suspect else median
-        filled: dict[str, float]
+        filled: list[float]
         if measured is None:
-            filled, prior = dict(prior_src), True
+            filled, prior = prior_src, True
         elif suspect:
             # Its last numbers may look idle (taken before it stalled): never better than the
             # busiest server that still answers.
-            filled = {f: max(_or(measured[f], 0.0), worst_answering[f]) for f in _LOAD_FIELDS}
+            filled = [max(0.0 if x is None else x, w) for x, w in zip(measured, worst_answering)]
             prior = False
         else:
-            filled = {f: _or(measured[f], prior_src[f]) for f in _LOAD_FIELDS}
+            filled = [p if x is None else x for x, p in zip(measured, prior_src)]
             prior = False
-        views.append(
-            BackendView(
-                index=i,
-                endpoint=r.endpoint,
-                url=r.url,
-                freshness=fresh_state,
-                healthy=r.healthy,
-                overloaded=r.overloaded,
-                suspect=suspect,
-                age=age,
-                prior=prior,
-                metrics=r.metrics,
-                models=r.served_models | frozenset(r.metrics.models if r.metrics else ()),
-                adapters=r.adapters,
-                **filled,  # type: ignore[arg-type]
-            )
+        running, waiting, kv_cache_usage, token_rate, ttft = filled
+        view = BackendView(
+            index=i,
+            endpoint=r.endpoint,
+            url=r.url,
+            freshness=fresh_state,
+            healthy=r.healthy,
+            overloaded=r.overloaded,
+            suspect=suspect,
+            age=age,
+            prior=prior,
+            running=running,
+            waiting=waiting,
+            kv_cache_usage=kv_cache_usage,
+            token_rate=token_rate,
+            ttft=ttft,
+            metrics=r.metrics,
+            models=r.served_models | frozenset(r.metrics.models if r.metrics else ()),
+            adapters=r.adapters,
         )
+        views.append(view)
+        if reuse is not None:
+            cache[id(r)] = (r, key, view)
+    if reuse is not None:
+        reuse.clear()
+        reuse.update(cache)
     members: dict[str, list[BackendView]] = {}
     unknown_models: list[BackendView] = []
     for v in views:

@@ -182,7 +182,7 @@ def _decide(
     rng: random.Random,
 ) -> Decision:
     candidates = pool.eligible
-    if facts.model is not None and candidates:
+    if facts.model is not None and facts.model in pool.adapters:  # (no O(pool) scan otherwise)
         candidates = lora_affine(facts.model, candidates)
     if not candidates:
         raise NoBackends("no backend is configured or discovered")

@@ -17,16 +17,16 @@ is then
 
 Which one decided is counted for the server picked (``extproc_prefix_source_total``).
 
-:meth:`PromptPrefix.matches` values only the servers that hold the prompt's first block (both
-indexes keep who holds each chain's first block): a decision at 1,000 backends asks the few
-holders, not every server.
+:meth:`PromptPrefix.holders` names the servers that hold the prompt's first block (both indexes
+keep who holds each chain's first block): a decision at 1,000 backends asks only those, when
+they are few.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 
 from extproc.kv_index import KvIndex, ServerBlocks, chain_hashes, root_hash
 from extproc.kv_metrics import KvMetrics
@@ -97,7 +97,7 @@ class PromptPrefix:
 
     __slots__ = (
         "_adapters",
-        "_matches",
+        "_holders",
         "_recent_since",
         "approx_hashes",
         "has_prompt",
@@ -119,7 +119,7 @@ class PromptPrefix:
         self.approx_hashes = approx_hashes
         self.tokens = tokens
         self._adapters: frozenset[str] | None = None
-        self._matches: dict[str, float] | None = None
+        self._holders: Collection[str] | None = None
         self.has_prompt = bool(approx_hashes) or bool(tokens is not None and len(tokens.tokens))
         approx = source.approx
         if tokens is None:  # today's path, as cheap as before
@@ -144,20 +144,16 @@ class PromptPrefix:
         )
         return max(exact, recent)
 
-    def matches(self) -> dict[str, float]:
-        """Every server whose :meth:`match` is above 0, with its match (computed once)."""
-        found = self._matches
+    def holders(self) -> Collection[str]:
+        """A superset of the servers whose :meth:`match` is above 0 (computed once): those
+        holding the prompt's first block, in the approximate index or (for every block size
+        and chain root in use) the exact one. Do not modify."""
+        found = self._holders
         if found is None:
-            found = self._matches = {}
-            for endpoint in self._holders():
-                m = self.match(endpoint)
-                if m > 0.0:
-                    found[endpoint] = m
+            found = self._holders = self._find_holders()
         return found
 
-    def _holders(self) -> Iterable[str]:
-        """A superset of the servers with a match: those holding the prompt's first block, in
-        the approximate index or (for every block size and chain root in use) the exact one."""
+    def _find_holders(self) -> Collection[str]:
         source = self.source
         approx = source.approx.holders(self.approx_hashes)
         kv = source.kv

@@ -598,7 +598,7 @@ class Processor:
             session_key=headers.get(SESSION_HEADER) or parsed.user,
             has_prompt=prefix.has_prompt,
             prefix_match=prefix.match,
-            prefix_matches=prefix.matches,
+            prefix_holders=prefix.holders,
             prompt_hashes=prefix.approx_hashes,
             subset=state.subset,
         )

@@ -69,6 +69,8 @@ class Pool:
     all_unhealthy: bool
     eligible_known: bool
     members: tuple[BackendView, ...] = ()  # every backend of the subset, eligible or not
+    # LoRA adapters any eligible backend serves (a base model's request skips LoRA affinity)
+    adapters: frozenset[str] = frozenset()
     # Values scorers derive from ``eligible`` alone (extproc.strategies Context.column): computed
     # once per snapshot build instead of once per request.
     cache: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
@@ -77,7 +79,14 @@ class Pool:
     def of(views: tuple[BackendView, ...]) -> Pool:
         healthy = tuple(v for v in views if v.healthy)
         eligible = tuple(v for v in healthy if not v.suspect) or healthy or views
-        return Pool(eligible, bool(views) and not healthy, any(v.known for v in eligible), views)
+        adapters = frozenset().union(*(v.adapters for v in eligible if v.adapters))
+        return Pool(
+            eligible,
+            bool(views) and not healthy,
+            any(v.known for v in eligible),
+            views,
+            adapters,
+        )
 
 
 @dataclass(frozen=True, slots=True)

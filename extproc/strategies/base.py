@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import compress, repeat
@@ -68,9 +68,10 @@ class RequestFacts:
     # Fraction (0..1) of this request's prompt blocks the backend probably has cached.
     # Read-only view of the prefix index; the processor records the pick afterwards.
     prefix_match: Callable[[str], float] = _no_prefix
-    # Every backend whose prefix_match is above 0, with it (None: ask prefix_match per
-    # candidate). The prefix indexes know the few holders of a prompt: O(holders), not O(pool).
-    prefix_matches: Callable[[], Mapping[str, float]] | None = None
+    # A superset of the backends whose prefix_match is above 0 (None: not known, ask every
+    # candidate). The prefix indexes know who holds a prompt's first block: when they are few,
+    # the prefix scorer asks only them.
+    prefix_holders: Callable[[], Collection[str]] | None = None
     prompt_hashes: tuple[int, ...] = ()  # chained block hashes of the prompt (prefix index keys)
     # The gateway's subset hint (endpoint-picker protocol): pick only among backends at these
     # IPs. None = no hint (the whole pool).

@@ -211,3 +211,49 @@ def test_removed_backend_is_gone_and_its_late_completion_is_harmless():
     assert [b.endpoint for b in reg.snapshot().backends] == ["10.0.0.2:8000"]
     reg.on_done(token)  # must not touch the new slot 0
     assert reg.snapshot().pending == (0,)
+
+
+def test_reused_views_are_what_a_full_build_gives_through_every_state():
+    """Rebuilds keep the views of backends that did not change (a few times cheaper at 1,000);
+    through scrapes, failures, timeouts, models, time passing (fresh -> stale -> unknown) and
+    servers joining and leaving, the snapshot must equal a build from scratch (but ``age``,
+    which a kept view has from the build that made it)."""
+    import dataclasses
+
+    from extproc.backends import build_snapshot
+
+    rng = random.Random(12)
+    reg, clock = registry(6, stale_after=1.0, max_age=4.0)
+    urls = [r.url for r in reg.records]
+    reused = 0
+    for step in range(400):
+        op = rng.random()
+        i = rng.randrange(len(reg.records))
+        if op < 0.45:
+            kv = rng.choice([None, 0.1, 0.5])
+            scrape_ok(reg, i, vm(running=rng.randint(0, 3), waiting=rng.randint(0, 1), kv=kv))
+        elif op < 0.55:
+            fail(reg, i, timeout=rng.random() < 0.5)
+        elif op < 0.6:
+            rec = reg.records[i]
+            reg.record_models(rec, frozenset({rng.choice("ab")}), frozenset())
+        elif op < 0.64:
+            reg.set_backends(rng.sample(urls, rng.randint(1, len(urls))))
+        else:
+            clock.t += rng.choice([0.05, 0.3, 1.5])
+        before = {id(v) for v in reg.snapshot().backends}
+        kept = reg.rebuild()
+        reused += sum(id(v) in before for v in kept.backends)
+        full = build_snapshot(reg.records, clock(), reg.stale_after, reg.max_metrics_age)
+        no_age = [dataclasses.replace(v, age=None) for v in kept.backends]
+        assert no_age == [dataclasses.replace(v, age=None) for v in full.backends], step
+        assert kept.pending == full.pending
+        for name, pool in [("everyone", kept.everyone), *kept.model_pools.items()]:
+            other = full.everyone if name == "everyone" else full.model_pools[name]
+            assert [v.index for v in pool.eligible] == [v.index for v in other.eligible]
+            assert (pool.all_unhealthy, pool.eligible_known, pool.adapters) == (
+                other.all_unhealthy,
+                other.eligible_known,
+                other.adapters,
+            )
+    assert reused > 400  # the point: most views are kept from one build to the next

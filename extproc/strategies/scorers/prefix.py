@@ -30,20 +30,22 @@ def _positions(candidates: Sequence[BackendView]) -> dict[str, int]:
 
 
 def _matches(ctx: Context) -> tuple[list[float], list[int]]:
-    """The match per candidate, and the positions of those above 0."""
+    """The match per candidate, and the positions (ascending) of those above 0."""
     facts = ctx.facts
-    if facts.prefix_matches is None:  # ask every candidate
+    n = len(ctx.candidates)
+    holders = None if facts.prefix_holders is None else facts.prefix_holders()
+    if holders is None or len(holders) > n >> 2:  # many (a shared system prompt): ask everyone
         m = list(map(facts.prefix_match, ctx.column(_endpoints)))
-        return m, list(compress(range(len(m)), m))
-    found = facts.prefix_matches()  # only the holders: O(holders), not O(pool)
-    m = [0.0] * len(ctx.candidates)
+        return m, list(compress(range(n), m))
+    m = [0.0] * n  # few: ask only them, O(holders) rather than O(pool)
     held = []
-    if found:
+    if holders:
         positions = ctx.column(_positions)
-        for endpoint, match in found.items():
+        match = facts.prefix_match
+        for endpoint in holders:
             j = positions.get(endpoint)
-            if j is not None:  # a holder that is a candidate
-                m[j] = match
+            if j is not None and (x := match(endpoint)) > 0.0:  # a candidate holding some
+                m[j] = x
                 held.append(j)
         held.sort()
     return m, held

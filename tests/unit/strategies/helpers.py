@@ -50,18 +50,13 @@ def profile(scorers, picker="max", **picker_params):
 def prefix_facts(
     index: PrefixIndex, text: str, *, per_candidate: bool = False, **kw
 ) -> RequestFacts:
-    """A prompt's facts as the processor builds them: matches of the index's holders only
-    (``per_candidate``: no ``prefix_matches``, the scorer asks every candidate)."""
+    """A prompt's facts as the processor builds them: the index names the holders
+    (``per_candidate``: it does not, the scorer asks every candidate)."""
     hashes = index.hashes("m", text)
-
-    def matches() -> dict[str, float]:
-        return {
-            ep: m for ep in index.holders(hashes) if (m := index.match_fraction(ep, hashes)) > 0
-        }
 
     return RequestFacts(
         has_prompt=True,
         prefix_match=lambda ep: index.match_fraction(ep, hashes),
-        prefix_matches=None if per_candidate else matches,
+        prefix_holders=None if per_candidate else lambda: index.holders(hashes),
         **kw,
     )

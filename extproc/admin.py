@@ -30,7 +30,7 @@ def backends_json(registry: BackendRegistry) -> dict[str, object]:
                 "overloaded": v.overloaded,
                 "suspect": v.suspect,
                 "failing": rec.failing if rec else False,
-                "age_seconds": v.age,
+                "age_seconds": None if v.scraped_at is None else snap.built_at - v.scraped_at,
                 "prior": v.prior,
                 "running": v.running,
                 "waiting": v.waiting,

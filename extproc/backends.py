@@ -370,10 +370,10 @@ def build_snapshot(
     busy, never idle. When none answers, suspects keep their own last numbers, so the ranking
     among them survives (an unknown suspect then gets the maximum of what is known).
 
-    ``reuse`` (updated in place) memoises views: a backend whose values, state, position and
-    priors did not change since the last build keeps its view (its ``age`` is then the one of
-    that build; its freshness is exact). At 1,000 backends a build per scrape interval then
-    creates views only for the backends scraped since.
+    ``reuse`` (updated in place) memoises views: a backend not scraped since the last build,
+    whose state, freshness, position and priors did not change either, keeps its view. At
+    1,000 backends a build per scrape interval then creates views only for the backends
+    scraped (or aged into another freshness) since.
     """
     states = [_freshness(r, now, stale_after, max_age) for r in records]
     values = [
@@ -395,7 +395,7 @@ def build_snapshot(
     fills = (tuple(median), tuple(worst), tuple(worst_answering))
     views: list[BackendView] = []
     cache: ViewCache = {}
-    for i, (r, (fresh_state, age), measured) in enumerate(zip(records, states, values)):
+    for i, (r, (fresh_state, _), measured) in enumerate(zip(records, states, values)):
         suspect = r.suspect
         key: tuple[object, ...] = ()
         if reuse is not None:
@@ -403,6 +403,7 @@ def build_snapshot(
             uses = measured is None or suspect or None in measured
             key = (
                 i,
+                r.last_ok,
                 measured,
                 r.metrics,
                 fresh_state,
@@ -439,7 +440,7 @@ def build_snapshot(
             healthy=r.healthy,
             overloaded=r.overloaded,
             suspect=suspect,
-            age=age,
+            scraped_at=r.last_ok,
             prior=prior,
             running=running,
             waiting=waiting,

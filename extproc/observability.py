@@ -163,6 +163,12 @@ class Metrics:
             "stall of the service's event loop and restored over the next ticks.",
             registry=self.registry,
         )
+        self._scrape_yielding = Gauge(
+            "extproc_scrape_yielding",
+            "1 while scraping yields to ext_proc: the process is out of CPU, so every backend is "
+            "scraped at 0.9 x the idle cap (min(10 x --scrape-interval, --stale-after)).",
+            registry=self.registry,
+        )
         self._scrape_cost = Gauge(
             "extproc_scrape_cost_seconds",
             "Moving average of the CPU seconds one scrape costs (what --scrape-budget divides).",
@@ -229,9 +235,16 @@ class Metrics:
         self._loop_lag.observe(seconds)
 
     def scrape_plan(
-        self, busy_interval: float, idle_interval: float, busy: int, idle: int, budget: float
+        self,
+        busy_interval: float,
+        idle_interval: float,
+        busy: int,
+        idle: int,
+        budget: float,
+        yielding: bool = False,
     ) -> None:
         self._scrape_budget.set(budget)
+        self._scrape_yielding.set(1 if yielding else 0)
         self._scrape_interval.labels("busy").set(busy_interval)
         self._scrape_interval.labels("idle").set(idle_interval)
         self._scrape_backends.labels("busy").set(busy)

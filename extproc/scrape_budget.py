@@ -11,6 +11,10 @@ backend for the interval of its priority:
   connections) are stretched first, up to ``idle_cap``;
 * only when the busy ones alone exceed the budget are they stretched too, and the idle ones stay
   ``idle_cap / base`` times slower than them.
+
+When one process both scrapes and answers ext_proc and it runs out of CPU (:class:`Yield`),
+scraping yields: every backend is scraped at 0.9 x ``idle_cap`` (still fresh: within
+``--stale-after``), whatever its priority and the budget, until the budget would fit again.
 """
 
 from __future__ import annotations
@@ -76,6 +80,57 @@ def plan_intervals(
     ratio = cap / base
     busy_interval = cost * (busy + idle / ratio) / budget
     return Intervals(busy_interval, busy_interval * ratio)
+
+
+# A process this busy (cores, moving average) is saturated: one Python thread uses ~1 core.
+SATURATED_CORES = 0.9
+# Yield only to real work (what is not scraping takes at least this much), and only when it
+# buys something (scraping takes at least this much: not with a few backends).
+MIN_OTHER_CORES = 0.25
+MIN_SCRAPE_CORES = 0.1
+# Stop yielding when the other work plus the whole budget fit under this.
+RESUME_CORES = 0.85
+YIELD_WINDOW_S = 0.05  # CPU shares are measured over at least this (a tick is 0.1 s)
+
+
+class Yield:
+    """Does scraping yield to the process's other work (deciding, with one process)?
+
+    Fed once per tick with the process's CPU clock and the scraper's own CPU total; on while the
+    process is saturated and something else than scraping takes a real share, off once that
+    share plus the whole budget would fit again (hysteresis: no flapping at the edge).
+    """
+
+    def __init__(self, *, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.process = 0.0  # cores the process used (moving average)
+        self.others = 0.0  # of which not scraping
+        self.scraping = 0.0
+        self.active = False
+        self._last: tuple[float, float, float] | None = None
+
+    def update(self, now: float, process_cpu: float, scrape_cpu: float, budget: float) -> bool:
+        last = self._last
+        if last is not None and now - last[0] < YIELD_WINDOW_S:
+            return self.active  # too short to measure a share of a core: wait for more
+        self._last = (now, process_cpu, scrape_cpu)
+        if last is None:
+            return self.active
+        dt = now - last[0]
+        used = (process_cpu - last[1]) / dt
+        others = max(0.0, used - (scrape_cpu - last[2]) / dt)
+        self.process += self.alpha * (used - self.process)
+        self.others += self.alpha * (others - self.others)
+        self.scraping += self.alpha * (used - others - self.scraping)
+        if not self.active:
+            self.active = (
+                self.process >= SATURATED_CORES
+                and self.others >= MIN_OTHER_CORES
+                and self.scraping >= MIN_SCRAPE_CORES
+            )
+        elif self.others + budget <= RESUME_CORES:
+            self.active = False
+        return self.active
 
 
 def is_busy(

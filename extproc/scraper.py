@@ -37,7 +37,14 @@ import orjson
 from extproc.backends import BackendRecord, BackendRegistry
 from extproc.metrics_parser import MetricsParseError, VllmMetrics, parse_vllm_metrics
 from extproc.observability import Metrics
-from extproc.scrape_budget import CostMeter, Intervals, idle_cap, is_busy, plan_intervals
+from extproc.scrape_budget import (
+    CostMeter,
+    Intervals,
+    Yield,
+    idle_cap,
+    is_busy,
+    plan_intervals,
+)
 from extproc.scrape_client import (
     ConnectFailed,
     ConnectTimeout,
@@ -54,6 +61,8 @@ WARN_EVERY_S = 60.0  # the "budget too small" warning, at most this often
 # factor per tick without stalls (x2 in ~3 ticks).
 MIN_THROTTLE = 1 / 16
 THROTTLE_RECOVERY = 1.25
+# While scraping yields to ext_proc, every backend is scraped at this share of the idle cap.
+YIELD_SHARE = 0.9
 # CPU of a backend's first scrape (connect, cold caches), to spread a batch of new backends.
 FIRST_SCRAPE_COST_S = 0.001
 
@@ -156,6 +165,7 @@ class Scraper:
         self._warned_at = float("-inf")
         self._planned_at = float("-inf")
         self.throttle = 1.0  # share of the budget in use (< 1 after event-loop stalls)
+        self.yielding = Yield()  # the process is out of CPU: scraping gives way to ext_proc
         # A stall of half the timeout can make an answered scrape time out.
         self.watch = LoopWatch(
             period=0.05, threshold=min(0.2, timeout / 2), observe=metrics.loop_lag
@@ -246,6 +256,15 @@ class Scraper:
             base=self.interval,
             cap=self.idle_cap,
         )
+        # Out of CPU with ext_proc to answer (one process): every backend at (nearly) the idle
+        # cap, if that costs less than the plan; decisions get the rest. The margin keeps ages
+        # (interval + scrape + rebuild) within --stale-after: still fresh.
+        yielding = self.budget > 0 and self.yielding.update(
+            now, time.process_time(), self.meter.total, self.budget
+        )
+        slow = max(self.interval, YIELD_SHARE * self.idle_cap)
+        if yielding and planned.busy < slow:
+            planned = Intervals(slow, max(slow, planned.idle))
         if planned.busy > self.interval and now - self._warned_at > WARN_EVERY_S:
             self._warned_at = now
             log.warning(
@@ -274,7 +293,12 @@ class Scraper:
         if busy is None:
             busy = len(self.registry.records)
         self.metrics.scrape_plan(
-            self.intervals.busy, self.intervals.idle, busy, idle, self.budget * self.throttle
+            self.intervals.busy,
+            self.intervals.idle,
+            busy,
+            idle,
+            self.budget * self.throttle,
+            self.yielding.active,
         )
         self.metrics.scrape_cost(self.meter.per_scrape, self.meter.total)
 

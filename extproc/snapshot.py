@@ -32,7 +32,7 @@ class BackendView:
     healthy: bool  # False after N consecutive refused/erroring/unparsable scrapes
     overloaded: bool  # scrapes keep timing out: a busy server, never "idle"
     suspect: bool  # its last scrape failed or timed out: excluded while others are eligible
-    age: float | None  # seconds since the last good scrape, None if never
+    scraped_at: float | None  # time.monotonic() of the last good scrape, None if never
     prior: bool  # True when the load fields below are priors, not measurements
     running: float
     waiting: float

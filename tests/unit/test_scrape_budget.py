@@ -16,6 +16,7 @@ from extproc.scrape_budget import (
     OUTLIER,
     CostMeter,
     Intervals,
+    Yield,
     idle_cap,
     is_busy,
     plan_intervals,
@@ -337,3 +338,65 @@ async def test_traffic_does_not_wake_a_busy_backend_stretched_by_the_budget():
     with pytest.raises(asyncio.CancelledError):
         await nap
     await scraper.stop()
+
+
+def feed(y: Yield, cores: float, scraping: float, budget: float, ticks: int) -> list[bool]:
+    """``ticks`` ticks of 0.1 s in which the process used ``cores``, ``scraping`` of them."""
+    out = []
+    for _ in range(ticks):
+        t, p, sc = y._last or (0.0, 0.0, 0.0)
+        out.append(y.update(t + 0.1, p + cores * 0.1, sc + scraping * 0.1, budget))
+    return out
+
+
+def test_scraping_yields_when_the_process_is_out_of_cpu_with_work_besides_scraping():
+    y = Yield()
+    assert not any(feed(y, 0.6, 0.45, 0.5, 30))  # room left: no yielding
+    assert feed(y, 1.0, 0.48, 0.5, 30)[-1]  # saturated, half of it deciding: yield
+    assert y.active and y.others == pytest.approx(0.52, abs=0.02)
+    # yielding gave decisions more CPU; the process stays saturated: keep yielding
+    assert all(feed(y, 1.0, 0.3, 0.5, 30)[3:])
+    # less traffic: others 0.45 + the whole budget 0.5 > 0.85: still yielding (no flapping) ...
+    assert all(feed(y, 0.75, 0.3, 0.5, 30))
+    # ... until the full budget fits again
+    assert not feed(y, 0.55, 0.3, 0.5, 30)[-1]
+
+
+def test_scraping_alone_never_yields_to_itself():
+    """Saturated by scraping (a huge pool, a tiny box): the budget and the stall throttle deal
+    with it; yielding would only slow scraping with nothing to give the CPU to."""
+    y = Yield()
+    assert not any(feed(y, 1.0, 0.9, 1.0, 50))
+
+
+def test_no_yielding_where_scraping_is_cheap_anyway():
+    y = Yield()  # 16 backends: scraping 0.04 cores; yielding would cost freshness for nothing
+    assert not any(feed(y, 1.0, 0.04, 0.5, 50))
+
+
+def test_calls_closer_than_the_window_do_not_move_the_shares():
+    y = Yield()
+    feed(y, 1.0, 0.2, 0.5, 20)
+    assert y.active
+    t, p, sc = y._last
+    for i in range(1, 50):  # back to back: ignored, whatever they say
+        assert y.update(t + i * 1e-4, p, sc, 0.5)
+    assert y._last == (t, p, sc)
+
+
+async def test_a_yielding_scraper_scrapes_everyone_at_nearly_the_idle_cap():
+    scraper, _, metrics = scraper_over(100, 900, cost=200e-6 / LOOP_OVERHEAD, budget=0.5)
+    scraper._plan()
+    assert scraper.intervals.busy == 0.1 and sample(metrics, "extproc_scrape_yielding") == 0
+    scraper.yielding.active = True  # as Yield decides when the process is out of CPU
+    scraper.yielding.update = lambda *a: True  # type: ignore[method-assign]
+    scraper._plan()
+    assert scraper.intervals == Intervals(0.9, 0.9)  # 0.9 x the idle cap (1 s): still fresh
+    assert sample(metrics, "extproc_scrape_yielding") == 1
+    # a budget that cannot even pay for the cap keeps its own (longer) plan
+    tight, _, _ = scraper_over(3000, 0, cost=200e-6 / LOOP_OVERHEAD, budget=0.5)
+    tight.yielding.update = lambda *a: True  # type: ignore[method-assign]
+    tight._plan()
+    assert tight.intervals.busy > 0.9
+    await scraper.stop()
+    await tight.stop()

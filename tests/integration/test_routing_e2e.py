@@ -204,7 +204,7 @@ async def test_scale_out_newcomer_is_neither_flooded_nor_starved(stack, log_dir)
             # then share (~10 of 24); it must neither take (almost) everything nor be left out.
             if not 4 <= got <= 18:  # say what the service saw (an intermittent 0 with workers)
                 view = await backend_view(http, s.admin_url, newcomer)
-                picks = [(r.pod, r.headers.get("x-routing-reason")) for r in burst]
+                picks = [(r.pod, r.endpoint, r.headers.get("x-routing-reason")) for r in burst]
                 pytest.fail(f"newcomer got {got} of 24; its view {view}; picks {picks}")
             assert all(r.pod in s.sim_endpoints for r in burst)
 

@@ -20,8 +20,8 @@ import xxhash
 from extproc.snapshot import BackendView
 from extproc.strategies.base import Context, Params, Reason, Scorer, Scores, one_hot
 
-MEMO_LIMIT = 65_536  # keys remembered (about 10 MB at most)
-_memo: dict[tuple[int, str], int] = {}
+MEMO_LIMIT = 65_536  # keys remembered (about 10 MB at most: keys are kept as their hash)
+_memo: dict[tuple[int, int], int] = {}
 
 
 def _encoded(candidates: Sequence[BackendView]) -> tuple[int, list[bytes]]:
@@ -32,8 +32,11 @@ def _encoded(candidates: Sequence[BackendView]) -> tuple[int, list[bytes]]:
 
 def home(key: str, endpoints: Sequence[bytes]) -> int:
     """Position of the key's server among ``endpoints`` (rendezvous hashing)."""
+    return _home(xxhash.xxh3_64_intdigest(key.encode()), endpoints)
+
+
+def _home(seed: int, endpoints: Sequence[bytes]) -> int:
     h = xxhash.xxh3_64_intdigest
-    seed = h(key.encode())
     weights = [h(e, seed=seed) for e in endpoints]
     return weights.index(max(weights))
 
@@ -43,11 +46,12 @@ def score(ctx: Context, params: Params) -> Scores | None:
     if not key:
         return None
     fingerprint, endpoints = ctx.column(_encoded)
-    at = _memo.get((fingerprint, key))
+    seed = xxhash.xxh3_64_intdigest(key.encode())  # (a client's long keys are not kept)
+    at = _memo.get((fingerprint, seed))
     if at is None or at >= len(endpoints):  # (a hash collision of two lists: still in range)
         if len(_memo) >= MEMO_LIMIT:
             _memo.clear()
-        at = _memo[fingerprint, key] = home(key, endpoints)
+        at = _memo[fingerprint, seed] = _home(seed, endpoints)
     return one_hot(len(ctx.candidates), at)
 
 

@@ -59,6 +59,11 @@ def test_the_memo_of_homes_answers_as_hashing_and_stays_bounded(monkeypatch):
             assert got == session.home(key, endpoints), (round_, key)
             assert len(session._memo) <= 50
         scrape_ok(reg, 0, vm(running=round_ + 1))  # a new snapshot, the same candidates
+    # a client's huge keys are remembered as their hash, never whole
+    long_key = "k" * 100_000
+    got = run(reg, "session", RequestFacts(session_key=long_key)).backend.index
+    assert got == session.home(long_key, endpoints)
+    assert all(isinstance(k, int) for pair in session._memo for k in pair)
     # a narrowed list (one server unhealthy) is another list: its own homes
     for _ in range(3):
         reg.record_failure(reg.records[1], "refused", timeout=False)

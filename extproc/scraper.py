@@ -65,6 +65,7 @@ THROTTLE_RECOVERY = 1.25
 YIELD_SHARE = 0.9
 # CPU of a backend's first scrape (connect, cold caches), to spread a batch of new backends.
 FIRST_SCRAPE_COST_S = 0.001
+FIRST_SCRAPE_SPREAD_S = 1.0  # ... over at most this when the budget allows
 
 # A real vLLM /metrics page is ~50 KB; many LoRA adapters or models make it a few 100 KB.
 DEFAULT_MAX_SCRAPE_BYTES = 4 * 1024 * 1024
@@ -192,9 +193,10 @@ class Scraper:
             if (task := self._tasks.get(url)) is None or task.done()
         ]
         # Spread the first scrapes of backends that appear together (start-up, discovery): one
-        # burst of connects would stall the event loop. Over one interval, or longer when the
-        # budget could not pay for them all at once.
-        spread = self.interval
+        # burst of connects would stall the event loop. Over one interval (at most a second: a
+        # long --scrape-interval must not leave a starting service cold that long), or longer
+        # when the budget could not pay for them all at once.
+        spread = min(self.interval, FIRST_SCRAPE_SPREAD_S)
         if self.budget > 0:
             spread = max(spread, len(new) * FIRST_SCRAPE_COST_S / self.budget)
         for rec in new:

@@ -124,6 +124,12 @@ async def backend_view(
     return next(b for b in data["backends"] if b["endpoint"] == endpoint)
 
 
+async def all_scraped(session: aiohttp.ClientSession, admin_url: str) -> bool:
+    """Every backend has been scraped once (fresh or not since)."""
+    data = await get_json(session, admin_url + "/backends")
+    return all(b["age_seconds"] is not None for b in data["backends"])
+
+
 async def all_fresh(session: aiohttp.ClientSession, admin_url: str) -> bool:
     data = await get_json(session, admin_url + "/backends")
     return all(b["freshness"] == "fresh" for b in data["backends"])

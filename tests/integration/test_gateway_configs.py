@@ -43,7 +43,7 @@ from devstack.envoy_config import (
 )
 from devstack.processes import Proc, free_port, http_get, start_envoy, start_extproc
 
-from .e2e import Routed, chat_body, eventually, post
+from .e2e import Routed, all_scraped, chat_body, eventually, post
 
 pytestmark = pytest.mark.integration
 
@@ -433,6 +433,8 @@ async def test_istio_style_retries_reach_the_next_listed_host_when_the_pick_is_d
     try:
         dead = s.sim_endpoints[0]
         proc = s.sims[0]
+        # Every server scraped once, before the kill (else the pool is the few scraped so far).
+        await eventually(lambda: all_scraped(http, s.admin_url))
         await asyncio.to_thread(proc.stop)
         assert not proc.alive()
         walked = []
@@ -588,6 +590,7 @@ async def test_gie_reference_has_no_second_chance_for_a_dead_pick(
     )
     try:
         dead = s.sim_endpoints[0]
+        await eventually(lambda: all_scraped(http, s.admin_url))  # then no re-scrape: see above
         await asyncio.to_thread(s.sims[0].stop)
         failed = []
         for i in range(9):

@@ -400,3 +400,23 @@ async def test_a_yielding_scraper_scrapes_everyone_at_nearly_the_idle_cap():
     assert tight.intervals.busy > 0.9
     await scraper.stop()
     await tight.stop()
+
+
+async def test_a_long_scrape_interval_does_not_delay_the_first_scrapes():
+    """The first scrapes of a starting pool are spread over at most a second, whatever
+    --scrape-interval (60 s here): the service is not cold for a minute."""
+    from devstack.processes import free_port
+    from extproc.backends import BackendRegistry
+    from extproc.observability import Metrics
+    from extproc.scraper import Scraper
+
+    reg = BackendRegistry(stale_after=1.0, max_metrics_age=10.0)
+    reg.set_backends([f"http://127.0.0.1:{free_port()}" for _ in range(20)])  # refused at once
+    scraper = Scraper(reg, Metrics(), interval=60.0, timeout=0.5, budget=0.5)
+    await scraper.start()
+    try:
+        async with asyncio.timeout(5):
+            while any(r.failures == 0 for r in reg.records):  # every one tried once
+                await asyncio.sleep(0.02)
+    finally:
+        await scraper.stop()

@@ -191,7 +191,10 @@ async def test_scale_out_newcomer_is_neither_flooded_nor_starved(stack, log_dir)
             s.sims[2] = start_vllmsim(newcomer_port, log_dir=log_dir / "newcomer")
 
             async def known() -> bool:
-                return (await backend_view(http, s.admin_url, newcomer))["freshness"] == "fresh"
+                # Healthy again: a good scrape since the restart. (Fresh alone is not enough:
+                # for a second after its stop the old numbers still count as fresh.)
+                view = await backend_view(http, s.admin_url, newcomer)
+                return view["healthy"] and view["freshness"] == "fresh"
 
             await eventually(known)
             await eventually(lambda: envoy_routes_to(http, s.envoy_admin_url, newcomer))

@@ -328,17 +328,15 @@ class BackendRegistry:
         return self._base
 
 
-def _freshness(
-    record: BackendRecord, now: float, stale_after: float, max_age: float
-) -> tuple[Freshness, float | None]:
+def _freshness(record: BackendRecord, now: float, stale_after: float, max_age: float) -> Freshness:
     if record.last_ok is None or record.metrics is None:
-        return Freshness.UNKNOWN, None
+        return Freshness.UNKNOWN
     age = now - record.last_ok
     if age <= stale_after:
-        return Freshness.FRESH, age
+        return Freshness.FRESH
     if age <= max_age:
-        return Freshness.STALE, age
-    return Freshness.UNKNOWN, age
+        return Freshness.STALE
+    return Freshness.UNKNOWN
 
 
 _LOAD_FIELDS = ("running", "waiting", "kv_cache_usage", "token_rate", "ttft")
@@ -377,9 +375,9 @@ def build_snapshot(
     """
     states = [_freshness(r, now, stale_after, max_age) for r in records]
     values = [
-        _measured(r) if st[0] is not Freshness.UNKNOWN else None for r, st in zip(records, states)
+        _measured(r) if st is not Freshness.UNKNOWN else None for r, st in zip(records, states)
     ]
-    fresh = [v for v, st in zip(values, states) if v is not None and st[0] is Freshness.FRESH]
+    fresh = [v for v, st in zip(values, states) if v is not None and st is Freshness.FRESH]
     basis = fresh or [v for v in values if v is not None]
     answering = [v for v, r in zip(values, records) if v is not None and not r.suspect]
     median: list[float] = []
@@ -395,7 +393,7 @@ def build_snapshot(
     fills = (tuple(median), tuple(worst), tuple(worst_answering))
     views: list[BackendView] = []
     cache: ViewCache = {}
-    for i, (r, (fresh_state, _), measured) in enumerate(zip(records, states, values)):
+    for i, (r, fresh_state, measured) in enumerate(zip(records, states, values)):
         suspect = r.suspect
         key: tuple[object, ...] = ()
         if reuse is not None:

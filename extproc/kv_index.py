@@ -42,8 +42,8 @@ from enum import StrEnum
 import xxhash
 
 from extproc.kv_events import AllBlocksCleared, Batch, BlockRemoved, BlockStored, hash_key
+from extproc.prefix_index import FirstBlocks
 
-_NOBODY: frozenset[str] = frozenset()
 _BASE_ROOT = xxhash.xxh3_64_intdigest(b"extproc-kv-root")
 
 
@@ -114,7 +114,7 @@ class ServerBlocks:
     evicted_at: float = float("-inf")
     endpoint: str = ""
     # The KvIndex's map of first blocks -> servers holding them (None: a server on its own).
-    firsts: dict[int, set[str]] | None = None
+    firsts: FirstBlocks | None = None
     own_firsts: set[int] = field(default_factory=set)  # the first blocks this server holds
     sizes: set[int] | None = None  # the KvIndex's block sizes seen (grows only)
 
@@ -136,15 +136,12 @@ class ServerBlocks:
     def _add_first(self, own: int) -> None:
         self.own_firsts.add(own)
         if self.firsts is not None:
-            self.firsts.setdefault(own, set()).add(self.endpoint)
+            self.firsts.add(own, self.endpoint)
 
     def _forget_first(self, own: int) -> None:
         self.own_firsts.discard(own)
-        holders = self.firsts.get(own) if self.firsts is not None else None
-        if holders is not None:
-            holders.discard(self.endpoint)
-            if not holders:
-                del self.firsts[own]  # type: ignore[union-attr]
+        if self.firsts is not None:
+            self.firsts.discard(own, self.endpoint)
 
     def on_batch(self, batch: Batch) -> Applied:
         applied = Applied()
@@ -271,7 +268,7 @@ class KvIndex:
     def __init__(self, *, max_blocks: int = 100_000) -> None:
         self.max_blocks = max_blocks
         self.servers: dict[str, ServerBlocks] = {}
-        self.firsts: dict[int, set[str]] = {}  # a chain's first block -> servers holding it
+        self.firsts = FirstBlocks()  # a chain's first block -> servers holding it
         self.sizes: set[int] = set()  # block sizes servers published (grows only: a superset)
 
     def add(self, endpoint: str) -> ServerBlocks:
@@ -289,7 +286,7 @@ class KvIndex:
 
     def holders(self, first_block: int) -> set[str] | frozenset[str]:
         """The servers holding the chain that starts with ``first_block`` (do not modify)."""
-        return self.firsts.get(first_block, _NOBODY)
+        return self.firsts.of(first_block)
 
     def get(self, endpoint: str) -> ServerBlocks | None:
         """The server's state if it has published events (else: use the approximate index)."""

@@ -21,13 +21,47 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import ItemsView, Iterable, KeysView
 
 import xxhash
 
 CHARS_PER_TOKEN = 4
 MAX_BLOCKS_PER_PROMPT = 512  # longer prompts: the first 32K characters decide
 _NOBODY: frozenset[str] = frozenset()
+
+
+class FirstBlocks:
+    """Which endpoints hold each chain's first block (both prefix indexes keep one)."""
+
+    __slots__ = ("_by_block",)
+
+    def __init__(self) -> None:
+        self._by_block: dict[int, set[str]] = {}
+
+    def add(self, block: int, endpoint: str) -> None:
+        holders = self._by_block.get(block)
+        if holders is None:
+            self._by_block[block] = {endpoint}
+        else:
+            holders.add(endpoint)
+
+    def discard(self, block: int, endpoint: str) -> None:
+        """Forget ``endpoint`` as a holder of ``block`` (nothing if ``block`` is no first block)."""
+        holders = self._by_block.get(block)
+        if holders is not None:
+            holders.discard(endpoint)
+            if not holders:
+                del self._by_block[block]
+
+    def of(self, block: int) -> set[str] | frozenset[str]:
+        """The endpoints holding ``block`` (do not modify)."""
+        return self._by_block.get(block, _NOBODY)
+
+    def blocks(self) -> KeysView[int]:
+        return self._by_block.keys()
+
+    def items(self) -> ItemsView[int, set[str]]:
+        return self._by_block.items()
 
 
 def block_hashes(model: str, text: str, block_chars: int = 64) -> tuple[int, ...]:
@@ -58,7 +92,7 @@ class PrefixIndex:
         # block hash -> time.monotonic() of the last pick that sent it, oldest first
         self._lru: dict[str, OrderedDict[int, float]] = {}
         self._capacity: dict[str, int] = {}
-        self._holders: dict[int, set[str]] = {}  # a prompt's first block -> who holds it
+        self._holders = FirstBlocks()
 
     def set_capacity_from_cache_config(
         self, endpoint: str, num_gpu_blocks: int | None, block_size: int | None
@@ -110,32 +144,21 @@ class PrefixIndex:
             if h in lru:
                 lru.move_to_end(h)
             lru[h] = t
-        holders = self._holders.get(hashes[0])
-        if holders is None:
-            self._holders[hashes[0]] = {endpoint}
-        else:
-            holders.add(endpoint)
+        self._holders.add(hashes[0], endpoint)
         excess = len(lru) - self.capacity(endpoint)
         for _ in range(max(0, excess)):
-            self._forget(endpoint, lru.popitem(last=False)[0])
-
-    def _forget(self, endpoint: str, block: int) -> None:
-        holders = self._holders.get(block)
-        if holders is not None:  # a first block
-            holders.discard(endpoint)
-            if not holders:
-                del self._holders[block]
+            self._holders.discard(lru.popitem(last=False)[0], endpoint)
 
     def holders(self, hashes: tuple[int, ...]) -> set[str] | frozenset[str]:
         """The backends holding at least the first block of ``hashes`` (do not modify)."""
-        return self._holders.get(hashes[0], _NOBODY) if hashes else _NOBODY
+        return self._holders.of(hashes[0]) if hashes else _NOBODY
 
     def purge(self, endpoints: Iterable[str]) -> None:
         for ep in endpoints:
             lru = self._lru.pop(ep, None)
             if lru:
-                for block in self._holders.keys() & lru.keys():  # C-speed, over the smaller
-                    self._forget(ep, block)
+                for block in self._holders.blocks() & lru.keys():  # C-speed, over the smaller
+                    self._holders.discard(block, ep)
             self._capacity.pop(ep, None)
 
     def size(self, endpoint: str) -> int:
